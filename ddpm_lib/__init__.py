@@ -1,0 +1,9 @@
+"""ddpm_lib: the small library behind the DDPM book.
+
+One module per idea, in the order data flows:
+``data`` -> ``diffusion`` (the equations) -> ``schedules`` (NoiseSchedule) -> ``unet`` ->
+``train`` -> ``samplers`` -> ``viz``; ``book`` sets up a chapter.
+"""
+__version__ = "0.1.0"
+
+from .schedules import NoiseSchedule  # noqa: F401

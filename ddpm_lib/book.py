@@ -1,0 +1,82 @@
+"""What a chapter's first cell calls: :func:`setup` picks the device, seeds every random
+number generator, reads the profile and prints what the reader is running on.
+
+Profiles (environment variable ``DDPM_PROFILE``) size the work of every chapter:
+
+* ``smoke``: what CI runs; every chapter in seconds on two CPU cores;
+* ``cpu``: a reader without a GPU; each chapter in a few minutes on a laptop;
+* ``gpu``: the full recipe on a (Colab) GPU.
+
+The default is ``gpu`` when CUDA is available, else ``cpu``. A chapter sizes its work with
+:meth:`Setup.pick`: ``steps = book.pick(smoke=20, cpu=2000, gpu=50000)``.
+"""
+from __future__ import annotations
+
+import os
+import platform
+import random
+import sys
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+PROFILES = ("smoke", "cpu", "gpu")
+
+
+def in_colab() -> bool:
+    return "google.colab" in sys.modules
+
+
+def get_profile(profile: str | None = None) -> str:
+    """The profile: the argument, else ``$DDPM_PROFILE``, else gpu/cpu by CUDA availability."""
+    if profile is None:
+        profile = os.environ.get("DDPM_PROFILE") or ("gpu" if torch.cuda.is_available() else "cpu")
+    profile = profile.strip().lower()
+    if profile not in PROFILES:
+        raise ValueError(f"unknown profile {profile!r}; DDPM_PROFILE must be one of {', '.join(PROFILES)}")
+    return profile
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy and PyTorch (CPU and CUDA)."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+@dataclass
+class Setup:
+    """The result of :func:`setup`: ``device``, ``profile`` and ``seed`` of this run."""
+    device: torch.device
+    profile: str
+    seed: int
+
+    def pick(self, **by_profile):
+        """The value for the current profile: ``pick(smoke=10, cpu=200, gpu=5000)``."""
+        missing = [p for p in PROFILES if p not in by_profile]
+        unknown = [p for p in by_profile if p not in PROFILES]
+        if missing or unknown:
+            raise ValueError(f"pick needs exactly the profiles {PROFILES}; missing {missing}, unknown {unknown}")
+        return by_profile[self.profile]
+
+
+def setup(seed: int = 0, profile: str | None = None, device: str | None = None, quiet: bool = False) -> Setup:
+    """Pick the device, seed everything, read the profile and print a short summary."""
+    profile = get_profile(profile)
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(device)
+    seed_everything(seed)
+    if not quiet:
+        from . import __version__
+        where = "Colab" if in_colab() else platform.system()
+        gpu = f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""
+        print(f"ddpm_lib {__version__} | torch {torch.__version__} | python {platform.python_version()} | {where}")
+        print(f"device: {device}{gpu} | profile: {profile} | seed: {seed}")
+        if in_colab() and device.type != "cuda":
+            print("WARNING: this Colab runtime has no GPU. Training will be slow. "
+                  "Switch with Runtime > Change runtime type > T4 GPU, then run this cell again.")
+        if profile == "gpu" and device.type != "cuda":
+            print("WARNING: profile 'gpu' on a CPU will take a very long time; set DDPM_PROFILE=cpu.")
+    return Setup(device=device, profile=profile, seed=seed)

@@ -1,0 +1,238 @@
+"""Beta schedules and :class:`NoiseSchedule`, every tensor the process derives from the betas.
+
+Timesteps are **0-based**: index ``t`` runs over ``0 .. T-1`` and stands for the paper's
+step ``t + 1`` (Ho et al. 2020 count ``1 .. T``). So ``alpha_bars[0] = 1 - betas[0]`` is
+one step of noise, ``alpha_bars[T-1]`` is the last, and ``alpha_bars_prev[0] = 1`` (no
+noise before the first step). Every function in ``ddpm_lib`` uses this convention.
+
+All tensors are computed in float64 and stored in float32.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from . import diffusion
+
+Tensor = torch.Tensor
+
+
+def linear_betas(T: int = 1000, beta_start: float = 1e-4, beta_end: float = 0.02) -> Tensor:
+    """Betas rising linearly from ``beta_start`` to ``beta_end`` (Ho et al. 2020). Shape (T,), float64."""
+    _check_T(T)
+    if not (0 < beta_start < 1 and 0 < beta_end < 1):
+        raise ValueError(f"beta_start and beta_end must lie in (0, 1), got {beta_start} and {beta_end}")
+    return torch.linspace(beta_start, beta_end, T, dtype=torch.float64)
+
+
+def cosine_betas(T: int = 1000, s: float = 0.008, max_beta: float = 0.999) -> Tensor:
+    """Betas of the cosine schedule (Nichol & Dhariwal 2021, eq. 17).
+
+    alpha_bar(t) = f(t) / f(0) with f(t) = cos((t/T + s) / (1 + s) * pi/2)^2, and
+    beta_t = 1 - alpha_bar(t) / alpha_bar(t-1), capped at ``max_beta`` so the last steps
+    stay finite. Shape (T,), float64.
+    """
+    _check_T(T)
+    if not (s >= 0 and 0 < max_beta < 1):
+        raise ValueError(f"need s >= 0 and max_beta in (0, 1), got s={s}, max_beta={max_beta}")
+    steps = torch.arange(T + 1, dtype=torch.float64) / T
+    f = torch.cos((steps + s) / (1 + s) * math.pi / 2) ** 2
+    alpha_bar = f / f[0]
+    betas = 1 - alpha_bar[1:] / alpha_bar[:-1]
+    return betas.clamp(max=max_beta)
+
+
+def _check_T(T) -> None:
+    if not isinstance(T, int) or isinstance(T, bool) or T < 1:
+        raise ValueError(f"T (the number of diffusion steps) must be a positive integer, got {T!r}")
+
+
+class NoiseSchedule:
+    """Everything the diffusion process derives from a sequence of betas.
+
+    Attributes, each a float32 tensor of shape (T,), indexed by the 0-based timestep t:
+
+    * ``betas``: variance added at step t;  ``alphas = 1 - betas``
+    * ``alpha_bars``: cumulative product of the alphas up to and including t
+    * ``alpha_bars_prev``: the same up to t - 1, with ``alpha_bars_prev[0] = 1``
+    * ``beta_tilde``: variance of the posterior q(x_{t-1} | x_t, x_0)
+
+    Build one with :meth:`linear`, :meth:`cosine` or from your own betas.
+    """
+
+    def __init__(self, betas: Tensor, device: torch.device | str | None = None):
+        betas = torch.as_tensor(betas, dtype=torch.float64).detach().cpu()
+        if betas.ndim != 1 or betas.numel() == 0:
+            raise ValueError(f"betas must be a non-empty 1-D sequence, got shape {tuple(betas.shape)}")
+        if not torch.isfinite(betas).all():
+            raise ValueError("betas contain NaN or infinite values")
+        if not ((betas > 0) & (betas < 1)).all():
+            bad = betas[(betas <= 0) | (betas >= 1)]
+            raise ValueError(f"every beta must lie strictly between 0 and 1; found {bad[:5].tolist()}")
+        self.T = betas.numel()
+        alphas = 1.0 - betas
+        alpha_bars = torch.cumprod(alphas, dim=0)
+        alpha_bars_prev = torch.cat([torch.ones(1, dtype=torch.float64), alpha_bars[:-1]])
+        beta_tilde = diffusion.posterior_variance(betas, alpha_bars, alpha_bars_prev)
+        self._float64 = dict(betas=betas, alphas=alphas, alpha_bars=alpha_bars,
+                             alpha_bars_prev=alpha_bars_prev, beta_tilde=beta_tilde)
+        self.device = torch.device(device or "cpu")
+        for name, value in self._float64.items():
+            setattr(self, name, value.to(device=self.device, dtype=torch.float32))
+        # float64 copies on the device, for the formulas (MPS has no float64: float32 there)
+        exact = torch.float32 if self.device.type == "mps" else torch.float64
+        self._exact = {name: value.to(device=self.device, dtype=exact) for name, value in self._float64.items()}
+
+    # -- constructors --------------------------------------------------------------------
+    @classmethod
+    def linear(cls, T: int = 1000, beta_start: float = 1e-4, beta_end: float = 0.02, device=None):
+        """The schedule of Ho et al. (2020): betas linear from 1e-4 to 0.02 over T = 1000 steps."""
+        return cls(linear_betas(T, beta_start, beta_end), device)
+
+    @classmethod
+    def cosine(cls, T: int = 1000, s: float = 0.008, max_beta: float = 0.999, device=None):
+        """The cosine schedule of Nichol & Dhariwal (2021)."""
+        return cls(cosine_betas(T, s, max_beta), device)
+
+    def to(self, device) -> "NoiseSchedule":
+        """The same schedule with its tensors on ``device``."""
+        return NoiseSchedule(self._float64["betas"], device)
+
+    def float64(self, name: str) -> Tensor:
+        """One of the schedule's tensors in float64 on the CPU (for exact checks)."""
+        return self._float64[name].clone()
+
+    def __repr__(self) -> str:
+        return (f"NoiseSchedule(T={self.T}, beta_1={self.betas[0].item():.3g}, "
+                f"beta_T={self.betas[-1].item():.3g}, alpha_bar_T={self.alpha_bars[-1].item():.3g}, "
+                f"device={self.device})")
+
+    # -- signal-to-noise -----------------------------------------------------------------
+    @property
+    def snr(self) -> Tensor:
+        """Signal-to-noise ratio alpha_bar / (1 - alpha_bar) at each step. Shape (T,)."""
+        a = self._float64["alpha_bars"]
+        return (a / (1 - a)).to(self.device, torch.float32)
+
+    @property
+    def log_snr(self) -> Tensor:
+        """Natural log of the signal-to-noise ratio. Shape (T,)."""
+        a = self._float64["alpha_bars"]
+        return (torch.log(a) - torch.log1p(-a)).to(self.device, torch.float32)
+
+    # -- gathering coefficients at timesteps ---------------------------------------------
+    def check_t(self, t, batch_size: int | None = None) -> Tensor:
+        """Validate timesteps and return them as a 1-D long tensor on the schedule's device.
+
+        ``t`` is an int or an integer tensor of shape () or (B,), every value in 0 .. T-1.
+        """
+        if isinstance(t, bool):
+            raise ValueError(f"timestep must be an integer in 0..{self.T - 1}, got {t!r}")
+        t = torch.as_tensor(t)
+        if t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
+            raise ValueError(f"timesteps must be integers (0-based, 0..{self.T - 1}), got dtype {t.dtype}")
+        if t.ndim > 1:
+            raise ValueError(f"timesteps must be a scalar or 1-D tensor (B,), got shape {tuple(t.shape)}")
+        if t.numel() and (t.min() < 0 or t.max() > self.T - 1):
+            raise ValueError(f"timesteps must lie in 0..{self.T - 1} (0-based; index t is the paper's "
+                             f"step t+1), got values from {t.min().item()} to {t.max().item()}")
+        t = t.reshape(-1).to(self.device, torch.long)
+        if batch_size is not None and t.numel() not in (1, batch_size):
+            raise ValueError(f"got {t.numel()} timesteps for a batch of {batch_size}; "
+                             "pass one timestep per image or a single one")
+        return t
+
+    def at(self, coef: Tensor | str, t, x: Tensor) -> Tensor:
+        """``coef[t]`` reshaped to (B, 1, 1, ...) so it broadcasts against ``x`` of shape (B, ...).
+
+        ``coef`` is one of the schedule's tensors, or its name (``"alpha_bars"``) to gather
+        from the float64 copy: the methods below compute their formulas in float64, where
+        ``1 - alpha_bar`` near ``alpha_bar = 1`` keeps its digits, and return x's dtype.
+        """
+        if not isinstance(x, torch.Tensor) or x.ndim < 1:
+            raise ValueError("x must be a tensor with a batch dimension first, shape (B, ...)")
+        if x.device != self.device:
+            raise ValueError(f"the schedule lives on {self.device} but x is on {x.device}; "
+                             f"use schedule = schedule.to({str(x.device)!r})")
+        t = self.check_t(t, batch_size=x.shape[0])
+        c = self._exact[coef][t] if isinstance(coef, str) else coef[t]
+        return c.expand(x.shape[0]).reshape(-1, *([1] * (x.ndim - 1)))
+
+    @staticmethod
+    def _check_finite(name: str, x: Tensor) -> None:
+        if not isinstance(x, torch.Tensor):
+            raise ValueError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+        if not x.is_floating_point():
+            raise ValueError(f"{name} must be a floating-point tensor, got dtype {x.dtype}")
+        if not torch.isfinite(x).all():
+            raise ValueError(f"{name} contains NaN or infinite values")
+
+    def _check_same_shape(self, **tensors) -> None:
+        shapes = {name: tuple(v.shape) for name, v in tensors.items()}
+        if len(set(shapes.values())) > 1:
+            raise ValueError(f"shapes must match, got {shapes}")
+        for name, v in tensors.items():
+            self._check_finite(name, v)
+
+    # -- the forward process -------------------------------------------------------------
+    def q_sample(self, x0: Tensor, t, noise: Tensor | None = None, generator: torch.Generator | None = None):
+        """Sample x_t ~ q(x_t | x_0) in one shot. Returns ``(x_t, noise)``, both shaped like x0."""
+        self._check_finite("x0", x0)
+        if noise is None:
+            noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
+        self._check_same_shape(x0=x0, noise=noise)
+        x_t = diffusion.q_sample(x0, self.at("alpha_bars", t, x0), noise)
+        return x_t.to(x0.dtype), noise
+
+    def q_step(self, x_prev: Tensor, t, noise: Tensor | None = None, generator=None) -> Tensor:
+        """One step of the chain: x_t ~ q(x_t | x_{t-1}) where ``x_prev`` is x_{t-1}."""
+        self._check_finite("x_prev", x_prev)
+        if noise is None:
+            noise = torch.randn(x_prev.shape, generator=generator, device=x_prev.device, dtype=x_prev.dtype)
+        self._check_same_shape(x_prev=x_prev, noise=noise)
+        return diffusion.q_step(x_prev, self.at("betas", t, x_prev), noise).to(x_prev.dtype)
+
+    # -- conversions between eps, x0 and v -----------------------------------------------
+    def predict_x0(self, x_t: Tensor, t, eps: Tensor) -> Tensor:
+        """x0 implied by x_t and the noise eps (inverts :meth:`q_sample`)."""
+        self._check_same_shape(x_t=x_t, eps=eps)
+        return diffusion.x0_from_eps(x_t, self.at("alpha_bars", t, x_t), eps).to(x_t.dtype)
+
+    def predict_eps(self, x_t: Tensor, t, x0: Tensor) -> Tensor:
+        """The noise eps implied by x_t and x0."""
+        self._check_same_shape(x_t=x_t, x0=x0)
+        return diffusion.eps_from_x0(x_t, self.at("alpha_bars", t, x_t), x0).to(x_t.dtype)
+
+    def velocity(self, x0: Tensor, t, eps: Tensor) -> Tensor:
+        """v = sqrt(alpha_bar) eps - sqrt(1 - alpha_bar) x0, the v-prediction target."""
+        self._check_same_shape(x0=x0, eps=eps)
+        return diffusion.v_from_eps_x0(eps, x0, self.at("alpha_bars", t, x0)).to(x0.dtype)
+
+    def x0_from_v(self, x_t: Tensor, t, v: Tensor) -> Tensor:
+        """x0 = sqrt(alpha_bar) x_t - sqrt(1 - alpha_bar) v."""
+        self._check_same_shape(x_t=x_t, v=v)
+        return diffusion.x0_from_v(x_t, self.at("alpha_bars", t, x_t), v).to(x_t.dtype)
+
+    def eps_from_v(self, x_t: Tensor, t, v: Tensor) -> Tensor:
+        """eps = sqrt(1 - alpha_bar) x_t + sqrt(alpha_bar) v."""
+        self._check_same_shape(x_t=x_t, v=v)
+        return diffusion.eps_from_v(x_t, self.at("alpha_bars", t, x_t), v).to(x_t.dtype)
+
+    # -- the posterior and the reverse step ----------------------------------------------
+    def posterior(self, x0: Tensor, x_t: Tensor, t):
+        """Mean and variance of q(x_{t-1} | x_t, x_0).
+
+        Returns ``(mean, variance)``: mean shaped like x_t, variance shaped (B, 1, 1, ...).
+        At t = 0 the variance is 0: x_{-1} is x_0 itself.
+        """
+        self._check_same_shape(x0=x0, x_t=x_t)
+        mean = diffusion.posterior_mean(x0, x_t, self.at("betas", t, x_t), self.at("alpha_bars", t, x_t),
+                                        self.at("alpha_bars_prev", t, x_t))
+        return mean.to(x_t.dtype), self.at(self.beta_tilde, t, x_t)
+
+    def reverse_mean(self, x_t: Tensor, t, eps: Tensor) -> Tensor:
+        """Mean of p_theta(x_{t-1} | x_t) from a predicted eps (Ho et al. 2020, eq. 11)."""
+        self._check_same_shape(x_t=x_t, eps=eps)
+        mean = diffusion.reverse_mean_from_eps(x_t, eps, self.at("betas", t, x_t), self.at("alpha_bars", t, x_t))
+        return mean.to(x_t.dtype)

@@ -1,0 +1,270 @@
+"""Training a noise predictor with L_simple.
+
+One step (Ho et al. 2020, Algorithm 1)::
+
+    x0 ~ data,  t ~ Uniform{0..T-1},  eps ~ N(0, I)
+    loss = || eps - eps_theta(sqrt(alpha_bar_t) x0 + sqrt(1 - alpha_bar_t) eps, t) ||^2
+
+around which :func:`train` adds what a real run needs: AdamW, an exponential moving
+average (EMA) of the weights with warm-up, gradient clipping, bf16 autocast on a GPU, a
+tqdm progress bar, a loss history, and checkpoints written atomically every N steps from
+which a run resumes exactly where it stopped (model, EMA, optimiser, step, RNG states).
+"""
+from __future__ import annotations
+
+import copy
+import math
+import os
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from . import diffusion
+
+Tensor = torch.Tensor
+
+
+@dataclass
+class TrainConfig:
+    """Settings of a training run. ``steps`` is the total number of optimiser steps."""
+    steps: int = 1000
+    batch_size: int = 128
+    lr: float = 2e-4
+    weight_decay: float = 0.0
+    warmup_steps: int = 0            # linear learning-rate warm-up
+    grad_clip: float | None = 1.0    # max global gradient norm, None for no clipping
+    ema_decay: float = 0.9999        # EMA decay; warm-up uses min(decay, (1 + n) / (10 + n))
+    label_dropout: float = 0.1       # for class-conditional models: P(label -> null class)
+    bf16: bool | None = None         # bf16 autocast; None means "on a CUDA device"
+    seed: int = 0
+    checkpoint_every: int = 0        # 0: only at the end (when a checkpoint path is given)
+    log_every: int = 10              # record the loss every this many steps
+
+    def __post_init__(self):
+        for name in ("steps", "batch_size"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or v < 1:
+                raise ValueError(f"{name} must be a positive integer, got {v!r}")
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise ValueError(f"lr must be positive and finite, got {self.lr}")
+        if not 0 <= self.ema_decay < 1:
+            raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
+        if not 0 <= self.label_dropout < 1:
+            raise ValueError(f"label_dropout must be in [0, 1), got {self.label_dropout}")
+        if self.grad_clip is not None and not self.grad_clip > 0:
+            raise ValueError(f"grad_clip must be positive or None, got {self.grad_clip}")
+        if self.checkpoint_every < 0 or self.log_every < 1 or self.warmup_steps < 0:
+            raise ValueError("checkpoint_every and warmup_steps must be >= 0, log_every >= 1")
+
+
+class EMA:
+    """Exponential moving average of a model's parameters (and a copy of its buffers).
+
+    After update n (counting from 0) the decay is ``min(decay, (1 + n) / (10 + n))``, so the
+    average follows the fast-changing early weights and settles to ``decay`` later.
+    """
+
+    def __init__(self, model: torch.nn.Module, decay: float = 0.9999):
+        self.decay = decay
+        self.num_updates = 0
+        self.model = copy.deepcopy(model).eval().requires_grad_(False)
+
+    def current_decay(self) -> float:
+        n = self.num_updates
+        return min(self.decay, (1 + n) / (10 + n))
+
+    @torch.no_grad()
+    def update(self, model: torch.nn.Module) -> None:
+        d = self.current_decay()
+        for ema_p, p in zip(self.model.parameters(), model.parameters()):
+            ema_p.lerp_(p.detach(), 1.0 - d)
+        for ema_b, b in zip(self.model.buffers(), model.buffers()):
+            ema_b.copy_(b)
+        self.num_updates += 1
+
+    def state_dict(self) -> dict:
+        return {"model": self.model.state_dict(), "num_updates": self.num_updates, "decay": self.decay}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.model.load_state_dict(state["model"])
+        self.num_updates = state["num_updates"]
+        self.decay = state["decay"]
+
+
+@dataclass
+class TrainResult:
+    """What :func:`train` returns: the trained model, its EMA copy, and the history.
+
+    ``history`` holds lists ``step`` and ``loss`` (mean over the last ``log_every`` steps),
+    and float64 tensors ``loss_sum_by_t`` / ``count_by_t`` of shape (T,): the summed loss and
+    the number of training examples seen at each timestep (for the per-timestep plot).
+    """
+    model: torch.nn.Module
+    ema_model: torch.nn.Module
+    history: dict = field(default_factory=dict)
+    step: int = 0
+    resumed_from: int | None = None
+
+
+def save_checkpoint(state: dict, path: str | os.PathLike) -> None:
+    """Write ``state`` with torch.save to a temporary file beside ``path``, then rename it
+    over ``path``: a crash mid-write never leaves a half-written checkpoint."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict:
+    """Read a checkpoint written by :func:`save_checkpoint` (tensors and plain Python only)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no checkpoint at {path}")
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:  # a truncated or foreign file
+        raise ValueError(f"{path} is not a readable ddpm_lib checkpoint ({e}); delete it to start afresh") from e
+
+
+def _rng_state(gen_cpu: torch.Generator, gen_device: torch.Generator | None) -> dict:
+    state = {"cpu_generator": gen_cpu.get_state(), "torch": torch.get_rng_state()}
+    if gen_device is not None:
+        state["device_generator"] = gen_device.get_state()
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict, gen_cpu: torch.Generator, gen_device: torch.Generator | None) -> None:
+    gen_cpu.set_state(state["cpu_generator"])
+    torch.set_rng_state(state["torch"])
+    if gen_device is not None and "device_generator" in state:
+        gen_device.set_state(state["device_generator"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _check_data(images: Tensor, labels: Tensor | None, model) -> None:
+    if not isinstance(images, torch.Tensor) or images.ndim != 4 or not images.is_floating_point():
+        raise ValueError("images must be a float tensor of shape (N, C, H, W), values in [-1, 1]")
+    if images.shape[0] == 0:
+        raise ValueError("images is empty")
+    if not torch.isfinite(images).all():
+        raise ValueError("images contain NaN or infinite values")
+    if images.min() < -1.001 or images.max() > 1.001:
+        raise ValueError(f"images must be scaled to [-1, 1], got values in "
+                         f"[{images.min().item():.3g}, {images.max().item():.3g}]; "
+                         "use ddpm_lib.data.load, or x * 2 - 1 for images in [0, 1]")
+    num_classes = getattr(model, "num_classes", None)
+    if labels is not None:
+        if labels.shape != (images.shape[0],):
+            raise ValueError(f"labels must have shape ({images.shape[0]},), got {tuple(labels.shape)}")
+        if not num_classes:
+            raise ValueError("labels were given but the model is unconditional (num_classes=None)")
+
+
+def train(model: torch.nn.Module, schedule, images: Tensor, config: TrainConfig | None = None, *,
+          labels: Tensor | None = None, checkpoint: str | os.PathLike | None = None,
+          resume: bool = True, device=None, progress: bool = True, **overrides) -> TrainResult:
+    """Train ``model`` to predict eps with L_simple on ``images`` (N, C, H, W) in [-1, 1].
+
+    ``config`` (or keyword overrides such as ``steps=500``) sets the run. With
+    ``checkpoint``, the state is saved there every ``checkpoint_every`` steps and at the end,
+    and if the file already exists (and ``resume``) training continues from it up to
+    ``config.steps``: run the same cell again after a disconnect and it picks up where it was.
+    Class labels (N,) make a class-conditional model learn with label dropout.
+
+    The images stay where they are (CPU is fine); each batch is moved to ``device``.
+    """
+    config = TrainConfig(**{**(asdict(config) if config else {}), **overrides})
+    _check_data(images, labels, model)
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    model.to(device)
+    schedule = schedule.to(device) if schedule.device != device else schedule
+    use_bf16 = (device.type == "cuda") if config.bf16 is None else config.bf16
+
+    gen_cpu = torch.Generator().manual_seed(config.seed)          # which images, which t
+    gen_device = torch.Generator(device).manual_seed(config.seed + 1) if device.type != "cpu" else None
+    torch.manual_seed(config.seed)                                # dropout
+    ema = EMA(model, config.ema_decay)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay,
+                                  **({"fused": True} if device.type == "cuda" else {}))
+    running = []   # losses since the last logged step
+    history = {"step": [], "loss": [], "loss_sum_by_t": torch.zeros(schedule.T, dtype=torch.float64),
+               "count_by_t": torch.zeros(schedule.T, dtype=torch.float64)}
+    step, resumed_from = 0, None
+
+    if checkpoint is not None and resume and Path(checkpoint).exists():
+        state = load_checkpoint(checkpoint, map_location=device)
+        model.load_state_dict(state["model"])
+        ema.load_state_dict(state["ema"])
+        optimizer.load_state_dict(state["optimizer"])
+        history = {k: (v.cpu() if isinstance(v, torch.Tensor) else v) for k, v in state["history"].items()}
+        step = resumed_from = state["step"]
+        running = list(state["running"])
+        _set_rng_state(state["rng"], gen_cpu, gen_device)
+
+    def checkpoint_state() -> dict:
+        return {"model": model.state_dict(), "ema": ema.state_dict(), "optimizer": optimizer.state_dict(),
+                "step": step, "history": history, "running": running, "rng": _rng_state(gen_cpu, gen_device),
+                "config": asdict(config)}
+
+    model.train()
+    bar = tqdm(total=config.steps, initial=step, desc="train", disable=not progress)
+    while step < config.steps:
+        idx = torch.randint(images.shape[0], (config.batch_size,), generator=gen_cpu)
+        x0 = images[idx].to(device, non_blocking=True)
+        t = torch.randint(schedule.T, (config.batch_size,), generator=gen_cpu).to(device)
+        eps = torch.randn(x0.shape, generator=gen_device or gen_cpu, device=device)
+        y = None
+        if labels is not None:
+            y = labels[idx].to(device)
+            drop = torch.rand(config.batch_size, generator=gen_cpu).to(device) < config.label_dropout
+            y = torch.where(drop, torch.full_like(y, model.num_classes), y)
+
+        lr = config.lr * min(1.0, (step + 1) / config.warmup_steps) if config.warmup_steps else config.lr
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
+            per_image = diffusion.loss_simple(model, schedule, x0, t, eps, y=y, reduction="none")
+        loss = per_image.mean()
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"the loss became {loss.item()} at step {step}; lower lr "
+                                     f"(now {config.lr}) or keep grad_clip on")
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if config.grad_clip is not None:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+        optimizer.step()
+        ema.update(model)
+        step += 1
+
+        running.append(loss.item())
+        t_cpu = t.cpu()
+        history["loss_sum_by_t"].index_add_(0, t_cpu, per_image.detach().double().cpu())
+        history["count_by_t"].index_add_(0, t_cpu, torch.ones_like(t_cpu, dtype=torch.float64))
+        if step % config.log_every == 0:
+            history["step"].append(step)
+            history["loss"].append(sum(running) / len(running))
+            bar.set_postfix(loss=f"{history['loss'][-1]:.4f}")
+            running = []
+        bar.update(1)
+        if checkpoint is not None and config.checkpoint_every and step % config.checkpoint_every == 0:
+            save_checkpoint(checkpoint_state(), checkpoint)
+    bar.close()
+    if checkpoint is not None:
+        save_checkpoint(checkpoint_state(), checkpoint)
+    model.eval()
+    return TrainResult(model=model, ema_model=ema.model, history=history, step=step, resumed_from=resumed_from)

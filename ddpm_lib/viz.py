@@ -1,0 +1,49 @@
+"""Pictures: image grids, strips over t, and saving them."""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from .data import to_uint8
+
+
+def make_grid(images: torch.Tensor, nrow: int = 8, padding: int = 2, pad_value: float = 1.0) -> np.ndarray:
+    """Tile images (N, C, H, W) in [-1, 1] into one uint8 array (H', W') or (H', W', 3).
+
+    ``nrow`` images per row; ``pad_value`` in [-1, 1] is the colour between tiles.
+    """
+    if images.ndim != 4:
+        raise ValueError(f"images must have shape (N, C, H, W), got {tuple(images.shape)}")
+    N, C, H, W = images.shape
+    if C not in (1, 3):
+        raise ValueError(f"images must have 1 or 3 channels, got {C}")
+    ncol = min(nrow, N)
+    nrows = -(-N // ncol)
+    pad = int(round((pad_value + 1) * 127.5))
+    grid = np.full((C, nrows * (H + padding) + padding, ncol * (W + padding) + padding), pad, np.uint8)
+    tiles = to_uint8(images)
+    for i in range(N):
+        r, c = divmod(i, ncol)
+        y, x = padding + r * (H + padding), padding + c * (W + padding)
+        grid[:, y:y + H, x:x + W] = tiles[i]
+    return grid[0] if C == 1 else grid.transpose(1, 2, 0)
+
+
+def show_grid(images: torch.Tensor, nrow: int = 8, title: str | None = None, ax=None, **kwargs):
+    """Show :func:`make_grid` of ``images`` with matplotlib. Returns the axes."""
+    import matplotlib.pyplot as plt
+    grid = make_grid(images, nrow=nrow, **kwargs)
+    if ax is None:
+        _, ax = plt.subplots(figsize=(min(12, grid.shape[1] / 40 + 1), min(12, grid.shape[0] / 40 + 1)))
+    ax.imshow(grid, cmap="gray" if grid.ndim == 2 else None, vmin=0, vmax=255, interpolation="nearest")
+    ax.axis("off")
+    if title:
+        ax.set_title(title)
+    return ax
+
+
+def save_grid(images: torch.Tensor, path, nrow: int = 8) -> None:
+    """Save :func:`make_grid` of ``images`` as a PNG file."""
+    import matplotlib.pyplot as plt
+    grid = make_grid(images, nrow=nrow)
+    plt.imsave(path, grid, cmap="gray" if grid.ndim == 2 else None, vmin=0, vmax=255)
