@@ -219,7 +219,8 @@ def train(model: torch.nn.Module, schedule, images: Tensor, config: TrainConfig 
     def checkpoint_state() -> dict:
         return {"model": model.state_dict(), "ema": ema.state_dict(), "optimizer": optimizer.state_dict(),
                 "step": step, "history": history, "running": running, "rng": _rng_state(gen_cpu, gen_device),
-                "config": asdict(config)}
+                "config": asdict(config), "model_config": getattr(model, "config", None),
+                "betas": schedule.float64("betas")}
 
     model.train()
     bar = tqdm(total=config.steps, initial=step, desc="train", disable=not progress)

@@ -1,0 +1,56 @@
+"""Weights that ship with the book, and loading exported weights.
+
+``python -m ddpm_lib export`` writes a file that holds the EMA weights, the UNet's
+configuration and the schedule's betas; :func:`load_weights` reads it back with
+``torch.load(..., weights_only=True)`` (no pickled code is ever run). :func:`load_pretrained`
+loads a model that ships inside the package, after checking its sha256.
+"""
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import torch
+
+from .schedules import NoiseSchedule
+from .unet import UNet
+
+WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
+
+# name -> file in WEIGHTS_DIR, its sha256, and the command that made it
+PRETRAINED: dict[str, dict] = {}
+
+
+def sha256(path) -> str:
+    """Hex sha256 of a file."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def load_weights(path, device="cpu") -> tuple[UNet, NoiseSchedule, dict]:
+    """Load an exported model: ``(model in eval mode, schedule, metadata)``."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no weights file at {path}")
+    blob = torch.load(path, map_location=device, weights_only=True)
+    if not isinstance(blob, dict) or "state_dict" not in blob or "model_config" not in blob:
+        raise ValueError(f"{path} is not a ddpm_lib weights file (made by `python -m ddpm_lib export`)")
+    model = UNet(**blob["model_config"]).to(device)
+    model.load_state_dict(blob["state_dict"])
+    return model.eval(), NoiseSchedule(blob["betas"], device=device), blob.get("meta", {})
+
+
+def load_pretrained(name: str = "fashion_mnist_ddpm", device="cpu") -> tuple[UNet, NoiseSchedule, dict]:
+    """Load shipped weights by name, after checking the file's sha256."""
+    if name not in PRETRAINED:
+        raise ValueError(f"no pretrained model {name!r}; available: {sorted(PRETRAINED) or 'none yet'}")
+    entry = PRETRAINED[name]
+    path = WEIGHTS_DIR / entry["file"]
+    digest = sha256(path)
+    if digest != entry["sha256"]:
+        raise ValueError(f"{path} has sha256 {digest}, expected {entry['sha256']}: the file is damaged or "
+                         "not the shipped one; reinstall ddpm_lib or fetch the file again")
+    return load_weights(path, device)

@@ -1,0 +1,124 @@
+"""Check that the tests guard the formulas: break one formula at a time in a copy of the
+repository and run the tests; every mutation must make at least one test fail.
+
+    python scripts/mutation_check.py            # unit tests only
+    python scripts/mutation_check.py --chapters # also the chapters under nbval (slower)
+
+Prints one line per mutation: which tests caught it. Exit status 1 if any survived.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# (name, file, original text, mutated text)
+MUTATIONS = [
+    ("closed form: sqrt(alpha_bar) -> alpha_bar", "ddpm_lib/diffusion.py",
+     "return torch.sqrt(alpha_bar) * x0 + torch.sqrt(1.0 - alpha_bar) * eps",
+     "return alpha_bar * x0 + torch.sqrt(1.0 - alpha_bar) * eps"),
+    ("one step: sqrt(1 - beta) -> (1 - beta)", "ddpm_lib/diffusion.py",
+     "return torch.sqrt(1.0 - beta) * x_prev + torch.sqrt(beta) * eps",
+     "return (1.0 - beta) * x_prev + torch.sqrt(beta) * eps"),
+    ("posterior mean: alpha_bar_prev -> alpha_bar in the x0 coefficient", "ddpm_lib/diffusion.py",
+     "return (torch.sqrt(alpha_bar_prev) * beta / (1.0 - alpha_bar) * x0",
+     "return (torch.sqrt(alpha_bar) * beta / (1.0 - alpha_bar) * x0"),
+    ("posterior mean: drop sqrt on alpha in the x_t coefficient", "ddpm_lib/diffusion.py",
+     "+ torch.sqrt(alpha) * (1.0 - alpha_bar_prev) / (1.0 - alpha_bar) * x_t)",
+     "+ alpha * (1.0 - alpha_bar_prev) / (1.0 - alpha_bar) * x_t)"),
+    ("posterior variance: beta_tilde -> beta", "ddpm_lib/diffusion.py",
+     "return (1.0 - alpha_bar_prev) / (1.0 - alpha_bar) * beta",
+     "return beta"),
+    ("x0 from eps: sign", "ddpm_lib/diffusion.py",
+     "return (x_t - torch.sqrt(1.0 - alpha_bar) * eps) / torch.sqrt(alpha_bar)",
+     "return (x_t + torch.sqrt(1.0 - alpha_bar) * eps) / torch.sqrt(alpha_bar)"),
+    ("v: swap the roles of eps and x0", "ddpm_lib/diffusion.py",
+     "return torch.sqrt(alpha_bar) * eps - torch.sqrt(1.0 - alpha_bar) * x0",
+     "return torch.sqrt(alpha_bar) * x0 - torch.sqrt(1.0 - alpha_bar) * eps"),
+    ("reverse mean: beta / sqrt(1 - alpha_bar) -> beta / (1 - alpha_bar)", "ddpm_lib/diffusion.py",
+     "return (x_t - beta / torch.sqrt(1.0 - alpha_bar) * eps) / torch.sqrt(alpha)",
+     "return (x_t - beta / (1.0 - alpha_bar) * eps) / torch.sqrt(alpha)"),
+    ("ELBO weight: drop the factor 2", "ddpm_lib/diffusion.py",
+     "return beta ** 2 / (2.0 * sigma2 * alpha * (1.0 - alpha_bar))",
+     "return beta ** 2 / (sigma2 * alpha * (1.0 - alpha_bar))"),
+    ("alpha_bar: cumsum instead of cumprod", "ddpm_lib/schedules.py",
+     "alpha_bars = torch.cumprod(alphas, dim=0)",
+     "alpha_bars = 1 - torch.cumsum(betas, dim=0).clamp(max=0.9999)"),
+    ("alpha_bars_prev shifted the wrong way", "ddpm_lib/schedules.py",
+     "alpha_bars_prev = torch.cat([torch.ones(1, dtype=torch.float64), alpha_bars[:-1]])",
+     "alpha_bars_prev = torch.cat([alpha_bars[1:], alpha_bars[-1:]])"),
+    ("cosine schedule: drop the offset s", "ddpm_lib/schedules.py",
+     "f = torch.cos((steps + s) / (1 + s) * math.pi / 2) ** 2",
+     "f = torch.cos(steps * math.pi / 2) ** 2"),
+    ("DDPM sampler: noise on the last step too", "ddpm_lib/samplers.py",
+     "        if t > 0:\n            z = torch.randn",
+     "        if t >= 0:\n            z = torch.randn"),
+    ("DDPM sampler: sigma uses beta_tilde when asked for beta", "ddpm_lib/samplers.py",
+     'variances = schedule.betas if sigma == "beta" else schedule.beta_tilde',
+     "variances = schedule.beta_tilde"),
+    ("DDIM: sigma without eta", "ddpm_lib/samplers.py",
+     "sigma = eta * torch.sqrt(", "sigma = torch.sqrt("),
+    ("DDIM: last step does not use alpha_bar_prev = 1", "ddpm_lib/samplers.py",
+     "if i + 1 < len(timesteps) else one", "if i + 1 < len(timesteps) else alpha_bar"),
+    ("clipping: eps not re-derived", "ddpm_lib/samplers.py",
+     "        eps = schedule.predict_eps(x, t_batch, x0)\n", "\n"),
+    ("EMA: no warm-up", "ddpm_lib/train.py",
+     "return min(self.decay, (1 + n) / (10 + n))", "return self.decay"),
+    ("time embedding: cos replaced by sin", "ddpm_lib/unet.py",
+     "torch.cat([torch.sin(angles), torch.cos(angles)], dim=1)",
+     "torch.cat([torch.sin(angles), torch.sin(angles)], dim=1)"),
+    ("training resume: RNG state not restored", "ddpm_lib/train.py",
+     "        _set_rng_state(state[\"rng\"], gen_cpu, gen_device)\n", "\n"),
+]
+
+
+def run(cmd, cwd, env) -> tuple[bool, str]:
+    r = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
+    failed = sorted({line.split(" ")[1].split("::")[0] + "::" + line.split("::")[1].split(" ")[0]
+                     for line in r.stdout.splitlines() if line.startswith(("FAILED", "ERROR")) and "::" in line})
+    return r.returncode != 0, ", ".join(failed[:6]) + (" ..." if len(failed) > 6 else "")
+
+
+def main() -> int:
+    p = argparse.ArgumentParser()
+    p.add_argument("--chapters", action="store_true", help="also run the chapters under nbval")
+    p.add_argument("-k", default=None, help="only mutations whose name contains this")
+    args = p.parse_args()
+    survived = 0
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp) / "repo"
+        shutil.copytree(ROOT, work, ignore=shutil.ignore_patterns("_build", "runs", ".git", "*.pt"))
+        env = {**os.environ, "PYTHONPATH": str(work), "DDPM_PROFILE": "smoke"}
+        targets = ["tests", "--ignore=tests/test_book_build.py"]
+        if args.chapters:
+            targets += ["chapters", "--nbval", "--nbval-sanitize-with", "tests/nbval_sanitize.cfg",
+                        "--nbval-current-env"]
+        for name, rel, old, new in MUTATIONS:
+            if args.k and args.k not in name:
+                continue
+            path = work / rel
+            original = path.read_text()
+            if old not in original:
+                print(f"?? {name}: the original text is not in {rel} (update this script)")
+                survived += 1
+                continue
+            path.write_text(original.replace(old, new, 1))
+            try:
+                caught, by = run([sys.executable, "-m", "pytest", "-q", "-x" if not args.chapters else "-q",
+                                  "-p", "no:cacheprovider", *targets], work, env)
+            finally:
+                path.write_text(original)
+            survived += not caught
+            print(f"{'caught ' if caught else 'SURVIVED'} {name}: {by}", flush=True)
+    print(f"{len(MUTATIONS) - survived} of {len(MUTATIONS)} mutations caught")
+    return 1 if survived else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,62 @@
+"""The repository's promises: one repository URL everywhere, the same setup cell in every
+chapter, every chapter in the table of contents, chapters saved with their outputs."""
+import json
+import re
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIG = yaml.safe_load((ROOT / "_config.yml").read_text())
+URL = CONFIG["repository"]["url"].rstrip("/")
+CHAPTERS = sorted((ROOT / "chapters").glob("*.ipynb"))
+
+SETUP_CELL = f'''# Setup. In Colab: install ddpm_lib from the book's repository (Colab's own torch is kept).
+# Locally and in CI: nothing to install.
+import sys
+if "google.colab" in sys.modules:
+    %pip install -q "git+{URL}"
+from ddpm_lib import book
+cfg = book.setup()'''
+
+
+def test_repository_settings():
+    assert URL.startswith("https://github.com/")
+    assert CONFIG["repository"]["branch"] == "main"
+    assert CONFIG["launch_buttons"]["colab_url"] == "https://colab.research.google.com"
+
+
+@pytest.mark.parametrize("path", ["README.md", "how_to_use.md", "pyproject.toml"])
+def test_every_repository_link_agrees(path):
+    text = (ROOT / path).read_text()
+    links = set(re.findall(r"https://github\.com/[\w.-]+/[\w.-]+", text))
+    assert links, f"{path} names no repository"
+    assert links == {URL}, f"{path} links to {links - {URL}}; the repository is {URL} (_config.yml)"
+    for colab in re.findall(r"https://colab\.research\.google\.com/github/([\w.-]+/[\w.-]+)/blob/(\w+)/", text):
+        assert f"https://github.com/{colab[0]}" == URL and colab[1] == "main"
+
+
+def test_chapters_are_in_the_toc():
+    toc = (ROOT / "_toc.yml").read_text()
+    for nb in CHAPTERS:
+        assert f"chapters/{nb.stem}" in toc, f"{nb.name} is not in _toc.yml"
+
+
+@pytest.mark.parametrize("nb_path", CHAPTERS, ids=[p.name for p in CHAPTERS])
+def test_chapter_shape(nb_path):
+    nb = json.loads(nb_path.read_text())
+    cells = nb["cells"]
+    code = [c for c in cells if c["cell_type"] == "code"]
+    # the first code cell is the shared setup cell, its output not compared (it names the profile)
+    assert "".join(code[0]["source"]).strip() == SETUP_CELL
+    assert "nbval-ignore-output" in code[0]["metadata"].get("tags", [])
+    # one H1, first
+    h1 = [line for c in cells if c["cell_type"] == "markdown" for line in "".join(c["source"]).splitlines()
+          if line.startswith("# ")]
+    assert len(h1) == 1 and "".join(cells[0]["source"]).startswith("# ")
+    # committed with outputs, and no NBVAL_ comments (tags do that invisibly)
+    assert all(c.get("execution_count") for c in code if "".join(c["source"]).strip()), "run it before committing"
+    assert not any("NBVAL_" in "".join(c["source"]) for c in code)
+    # the header states measured times per profile
+    assert re.search(r"smoke[^\n]*\d+\s*s", "".join(cells[0]["source"])), "state the measured smoke time"
