@@ -17,6 +17,7 @@ import platform
 import random
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -59,6 +60,18 @@ class Setup:
         if missing or unknown:
             raise ValueError(f"pick needs exactly the profiles {PROFILES}; missing {missing}, unknown {unknown}")
         return by_profile[self.profile]
+
+
+DRIVE = Path("/content/drive/MyDrive")
+
+
+def checkpoint_dir(name: str = "ddpm-book", local: str | os.PathLike = "checkpoints") -> Path:
+    """Where a chapter keeps its checkpoints: ``MyDrive/<name>`` when Google Drive is mounted
+    in Colab (``from google.colab import drive; drive.mount("/content/drive")``), so they
+    survive a disconnect; otherwise the local folder ``local``. The folder is created."""
+    folder = DRIVE / name if DRIVE.is_dir() else Path(local)
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
 
 
 def setup(seed: int = 0, profile: str | None = None, device: str | None = None, quiet: bool = False) -> Setup:

@@ -81,3 +81,11 @@ def test_setup_and_profiles(monkeypatch, capsys):
         s.pick(smoke=1, cpu=2)
     monkeypatch.delenv("DDPM_PROFILE")
     assert book.get_profile() == ("gpu" if torch.cuda.is_available() else "cpu")
+
+
+def test_checkpoint_dir(tmp_path, monkeypatch):
+    monkeypatch.setattr(book, "DRIVE", tmp_path / "drive" / "MyDrive")
+    local = book.checkpoint_dir(local=tmp_path / "ckpts")
+    assert local == tmp_path / "ckpts" and local.is_dir()      # no Drive mounted
+    (tmp_path / "drive" / "MyDrive").mkdir(parents=True)
+    assert book.checkpoint_dir("ddpm-book") == tmp_path / "drive" / "MyDrive" / "ddpm-book"
