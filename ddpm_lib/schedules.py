@@ -160,26 +160,30 @@ class NoiseSchedule:
         return c.expand(x.shape[0]).reshape(-1, *([1] * (x.ndim - 1)))
 
     @staticmethod
-    def _check_finite(name: str, x: Tensor) -> None:
+    def _check_float(name: str, x: Tensor) -> None:
         if not isinstance(x, torch.Tensor):
             raise ValueError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
         if not x.is_floating_point():
             raise ValueError(f"{name} must be a floating-point tensor, got dtype {x.dtype}")
+
+    @classmethod
+    def _check_finite(cls, name: str, x: Tensor) -> None:
+        cls._check_float(name, x)
         if not torch.isfinite(x).all():
             raise ValueError(f"{name} contains NaN or infinite values")
 
     def _check_same_shape(self, **tensors) -> None:
+        for name, v in tensors.items():
+            self._check_finite(name, v)
         shapes = {name: tuple(v.shape) for name, v in tensors.items()}
         if len(set(shapes.values())) > 1:
             raise ValueError(f"shapes must match, got {shapes}")
-        for name, v in tensors.items():
-            self._check_finite(name, v)
 
     # -- the forward process -------------------------------------------------------------
     def q_sample(self, x0: Tensor, t, noise: Tensor | None = None, generator: torch.Generator | None = None):
         """Sample x_t ~ q(x_t | x_0) in one shot. Returns ``(x_t, noise)``, both shaped like x0."""
-        self._check_finite("x0", x0)
         if noise is None:
+            self._check_float("x0", x0)
             noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
         self._check_same_shape(x0=x0, noise=noise)
         x_t = diffusion.q_sample(x0, self.at("alpha_bars", t, x0), noise)
@@ -187,8 +191,8 @@ class NoiseSchedule:
 
     def q_step(self, x_prev: Tensor, t, noise: Tensor | None = None, generator=None) -> Tensor:
         """One step of the chain: x_t ~ q(x_t | x_{t-1}) where ``x_prev`` is x_{t-1}."""
-        self._check_finite("x_prev", x_prev)
         if noise is None:
+            self._check_float("x_prev", x_prev)
             noise = torch.randn(x_prev.shape, generator=generator, device=x_prev.device, dtype=x_prev.dtype)
         self._check_same_shape(x_prev=x_prev, noise=noise)
         return diffusion.q_step(x_prev, self.at("betas", t, x_prev), noise).to(x_prev.dtype)
