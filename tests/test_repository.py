@@ -60,3 +60,10 @@ def test_chapter_shape(nb_path):
     assert not any("NBVAL_" in "".join(c["source"]) for c in code)
     # the header states measured times per profile
     assert re.search(r"smoke[^\n]*\d+\s*s", "".join(cells[0]["source"])), "state the measured smoke time"
+
+
+def test_readme_opens_every_chapter_in_colab():
+    readme = (ROOT / "README.md").read_text()
+    colab = URL.replace("https://github.com/", "https://colab.research.google.com/github/")
+    for nb in CHAPTERS:
+        assert f"({colab}/blob/main/chapters/{nb.name})" in readme, f"README has no Colab link for {nb.name}"
