@@ -38,7 +38,7 @@ class TrainConfig:
     grad_clip: float | None = 1.0    # max global gradient norm, None for no clipping
     ema_decay: float = 0.9999        # EMA decay; warm-up uses min(decay, (1 + n) / (10 + n))
     label_dropout: float = 0.1       # for class-conditional models: P(label -> null class)
-    bf16: bool | None = None         # bf16 autocast; None means "on a CUDA device"
+    bf16: bool | None = None         # bf16 autocast; None means "on a CUDA GPU of compute capability >= 8"
     seed: int = 0
     checkpoint_every: int = 0        # 0: only at the end (when a checkpoint path is given)
     log_every: int = 10              # record the loss every this many steps
@@ -193,7 +193,10 @@ def train(model: torch.nn.Module, schedule, images: Tensor, config: TrainConfig 
     device = torch.device(device) if device is not None else next(model.parameters()).device
     model.to(device)
     schedule = schedule.to(device) if schedule.device != device else schedule
-    use_bf16 = (device.type == "cuda") if config.bf16 is None else config.bf16
+    if config.bf16 is None:  # bf16 where the GPU computes it natively (Ampere and newer), else float32
+        use_bf16 = device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 8
+    else:
+        use_bf16 = config.bf16
 
     gen_cpu = torch.Generator().manual_seed(config.seed)          # which images, which t
     gen_device = torch.Generator(device).manual_seed(config.seed + 1) if device.type != "cpu" else None
