@@ -80,7 +80,7 @@ MUTATIONS = [
 
 def run(cmd, cwd, env) -> tuple[bool, str]:
     r = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
-    failed = sorted({line.split(" ")[1].split("::")[0] + "::" + line.split("::")[1].split(" ")[0]
+    failed = sorted({line.split(" ", 1)[1].split(" - ")[0]
                      for line in r.stdout.splitlines() if line.startswith(("FAILED", "ERROR")) and "::" in line})
     return r.returncode != 0, ", ".join(failed[:6]) + (" ..." if len(failed) > 6 else "")
 
@@ -88,6 +88,8 @@ def run(cmd, cwd, env) -> tuple[bool, str]:
 def main() -> int:
     p = argparse.ArgumentParser()
     p.add_argument("--chapters", action="store_true", help="also run the chapters under nbval")
+    p.add_argument("--only", nargs="*", default=None,
+                   help="run only these test paths (e.g. chapters/03_mathematics.ipynb) instead of all")
     p.add_argument("-k", default=None, help="only mutations whose name contains this")
     args = p.parse_args()
     survived = 0
@@ -97,8 +99,11 @@ def main() -> int:
         env = {**os.environ, "PYTHONPATH": str(work), "DDPM_PROFILE": "smoke"}
         targets = ["tests", "--ignore=tests/test_book_build.py", "--ignore=tests/test_cli.py"]
         if args.chapters:
-            targets += ["chapters", "--nbval", "--nbval-sanitize-with", "tests/nbval_sanitize.cfg",
-                        "--nbval-current-env"]
+            targets += ["chapters"]
+        if args.only:
+            targets = list(args.only)
+        if args.chapters or any(t.endswith(".ipynb") for t in targets):
+            targets += ["--nbval", "--nbval-sanitize-with", "tests/nbval_sanitize.cfg", "--nbval-current-env"]
         for name, rel, old, new in MUTATIONS:
             if args.k and args.k not in name:
                 continue
@@ -110,7 +115,7 @@ def main() -> int:
                 continue
             path.write_text(original.replace(old, new, 1))
             try:
-                caught, by = run([sys.executable, "-m", "pytest", "-q", "-x" if not args.chapters else "-q",
+                caught, by = run([sys.executable, "-m", "pytest", "-q", "-x",
                                   "-p", "no:cacheprovider", *targets], work, env)
             finally:
                 path.write_text(original)

@@ -105,3 +105,17 @@ def test_bad_sampler_arguments(linear):
         ddpm_sample(model, linear, (1, 0, 2, 2))
     with pytest.raises(ValueError, match="returned shape"):
         ddpm_sample(lambda x, t: x[:, :0], linear, (1, 1, 2, 2))
+
+
+@pytest.mark.parametrize("sigma", ["beta", "beta_tilde"])
+def test_ddpm_adds_noise_of_the_chosen_variance(sigma):
+    """T = 2 and a model that predicts eps = 0: x_T = 0 gives x_1 = sigma_2 z, and the last
+    (noise-free) step divides by sqrt(alpha_1), so x_0 = sigma_2 z / sqrt(alpha_1) exactly."""
+    sched = NoiseSchedule(torch.tensor([0.1, 0.2]))
+    zero = lambda x, t: torch.zeros_like(x)  # noqa: E731
+    shape = (4, 1, 2, 2)
+    x = ddpm_sample(zero, sched, shape, sigma=sigma, clip_x0=False, x_T=torch.zeros(shape),
+                    generator=torch.Generator().manual_seed(7))
+    z = torch.randn(shape, generator=torch.Generator().manual_seed(7))
+    var = {"beta": 0.2, "beta_tilde": (1 - 0.9) / (1 - 0.9 * 0.8) * 0.2}[sigma]
+    assert torch.allclose(x, math.sqrt(var) * z / math.sqrt(0.9), atol=1e-6)
