@@ -23,12 +23,13 @@ Tensor = torch.Tensor
 class Trajectory:
     """What a sampler saw on its way: for each step, the timestep, x_t and the predicted x0.
 
-    ``x_t`` and ``x0_hat`` are (S, B, C, H, W) float32 tensors on the CPU, S = number of steps;
-    ``t`` is a list of S ints, in the order visited (from noisy to clean).
+    A sampler returns it stacked: ``x_t`` and ``x0_hat`` are (S, B, C, H, W) float32 tensors on
+    the CPU, S = number of steps; ``t`` is a list of S ints, in the order visited (from noisy to
+    clean). While sampling, ``x_t`` and ``x0_hat`` are lists that :meth:`add` appends to.
     """
     t: list = field(default_factory=list)
-    x_t: list = field(default_factory=list)
-    x0_hat: list = field(default_factory=list)
+    x_t: list | Tensor = field(default_factory=list)
+    x0_hat: list | Tensor = field(default_factory=list)
 
     def add(self, t: int, x_t: Tensor, x0_hat: Tensor) -> None:
         self.t.append(int(t))

@@ -27,6 +27,14 @@ def test_repository_settings():
     assert CONFIG["launch_buttons"]["colab_url"] == "https://colab.research.google.com"
 
 
+def test_no_other_github_owner_is_misspelled():
+    """Links to other projects on GitHub name the projects' real homes (checked by hand once)."""
+    known = {URL, "https://github.com/computationalmodelling/nbval"}
+    for page in [*ROOT.glob("*.md"), *CHAPTERS]:
+        for link in re.findall(r"https://github\.com/[\w.-]+/[\w.-]+", page.read_text()):
+            assert link in known, f"{page.name} links to {link}: check it, then add it to `known`"
+
+
 @pytest.mark.parametrize("path", ["README.md", "how_to_use.md", "pyproject.toml"])
 def test_every_repository_link_agrees(path):
     text = (ROOT / path).read_text()
