@@ -3,6 +3,7 @@
     python -m ddpm_lib train  --checkpoint runs/fashion.pt --steps 20000
     python -m ddpm_lib export runs/fashion.pt weights.pt
     python -m ddpm_lib sample --weights weights.pt --n 64 --out samples.png --npy samples.npy
+    torchrun --nproc_per_node=4 -m ddpm_lib train --checkpoint runs/fashion.pt   # several GPUs
 
 ``train`` resumes from ``--checkpoint`` when it exists. ``export`` keeps the EMA weights,
 the model's configuration and the schedule, in a file that loads with
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -24,7 +26,7 @@ from . import data
 from .pretrained import load_weights, sha256
 from .samplers import ddim_sample, ddpm_sample
 from .schedules import NoiseSchedule
-from .train import TrainConfig, load_checkpoint, save_checkpoint, train
+from .train import TrainConfig, distributed_info, init_distributed, load_checkpoint, save_checkpoint, train
 from .unet import UNet, count_parameters
 
 
@@ -32,11 +34,21 @@ def _ints(text: str) -> tuple[int, ...]:
     return tuple(int(v) for v in text.split(",") if v.strip())
 
 
+def _switch(text: str):
+    """auto -> None (on on a GPU), on -> True, off -> False."""
+    return {"auto": None, "on": True, "off": False}[text]
+
+
 def cmd_train(args) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     images, labels = data.load(args.data, "train", limit=args.limit)
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if "WORLD_SIZE" in os.environ and int(os.environ["WORLD_SIZE"]) > 1:   # started by torchrun
+        device = init_distributed()
+        if distributed_info()[0] != 0:
+            args.no_progress = True
+    else:
+        device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     schedule = (NoiseSchedule.cosine(args.T) if args.schedule == "cosine" else NoiseSchedule.linear(args.T))
     torch.manual_seed(args.seed)
     model = UNet(in_channels=images.shape[1], base_channels=args.base_channels,
@@ -46,7 +58,9 @@ def cmd_train(args) -> None:
     print(f"{args.data}: {len(images)} images | UNet {count_parameters(model):,} parameters | {device}")
     config = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, warmup_steps=args.warmup_steps,
                          ema_decay=args.ema_decay, grad_clip=args.grad_clip, seed=args.seed,
-                         checkpoint_every=args.checkpoint_every, log_every=args.log_every)
+                         checkpoint_every=args.checkpoint_every, log_every=args.log_every,
+                         bf16=_switch(args.bf16), channels_last=_switch(args.channels_last),
+                         compile={"auto": None, "off": False}.get(args.compile, args.compile))
     start = time.time()
     result = train(model, schedule, images, config, labels=labels if args.conditional else None,
                    checkpoint=args.checkpoint, device=device, progress=not args.no_progress)
@@ -118,6 +132,11 @@ def main(argv=None) -> None:
     t.add_argument("--device", default=None)
     t.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     t.add_argument("--no-progress", action="store_true")
+    t.add_argument("--bf16", choices=["auto", "on", "off"], default="auto", help="bf16 autocast (auto: on a GPU)")
+    t.add_argument("--channels-last", choices=["auto", "on", "off"], default="auto")
+    t.add_argument("--compile", choices=["auto", "off", "default", "reduce-overhead", "max-autotune",
+                                         "max-autotune-no-cudagraphs"], default="auto",
+                   help="torch.compile mode (auto: reduce-overhead on a GPU, off on a CPU)")
     t.set_defaults(func=cmd_train)
 
     e = sub.add_parser("export", help="keep the EMA weights of a checkpoint for sampling")

@@ -77,9 +77,9 @@ class NoiseSchedule:
         beta_tilde = diffusion.posterior_variance(betas, alpha_bars, alpha_bars_prev)
         self._float64 = dict(betas=betas, alphas=alphas, alpha_bars=alpha_bars,
                              alpha_bars_prev=alpha_bars_prev, beta_tilde=beta_tilde)
-        self.device = torch.device(device or "cpu")
         for name, value in self._float64.items():
-            setattr(self, name, value.to(device=self.device, dtype=torch.float32))
+            setattr(self, name, value.to(device=torch.device(device or "cpu"), dtype=torch.float32))
+        self.device = self.betas.device      # "cuda" resolved to the GPU it means, e.g. cuda:0
         # float64 copies on the device, for the formulas (MPS has no float64: float32 there)
         exact = torch.float32 if self.device.type == "mps" else torch.float64
         self._exact = {name: value.to(device=self.device, dtype=exact) for name, value in self._float64.items()}

@@ -27,6 +27,12 @@ from . import diffusion
 Tensor = torch.Tensor
 
 
+COMPILE_MODES = (None, False, True, "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+# compile=None on a CUDA GPU: "reduce-overhead" adds CUDA graphs, which remove the launch
+# overhead that dominates small networks (measured in the Benchmarks appendix)
+DEFAULT_COMPILE_MODE = "reduce-overhead"
+
+
 @dataclass
 class TrainConfig:
     """Settings of a training run. ``steps`` is the total number of optimiser steps."""
@@ -38,7 +44,12 @@ class TrainConfig:
     grad_clip: float | None = 1.0    # max global gradient norm, None for no clipping
     ema_decay: float = 0.9999        # EMA decay; warm-up uses min(decay, (1 + n) / (10 + n))
     label_dropout: float = 0.1       # for class-conditional models: P(label -> null class)
-    bf16: bool | None = None         # bf16 autocast; None means "on a CUDA GPU of compute capability >= 8"
+    # The fast path. None means "on a CUDA GPU" (bf16: of compute capability >= 8); all are
+    # harmless to leave at None on a CPU, where they are off.
+    bf16: bool | None = None         # bf16 autocast (GroupNorm, softmax and the loss stay float32)
+    channels_last: bool | None = None  # NHWC memory layout for the convolutions
+    compile: bool | str | None = None  # torch.compile the loss; a string picks the mode, e.g. "reduce-overhead"
+    data_on_device: bool | None = None  # keep the dataset on the GPU and draw batches there
     seed: int = 0
     checkpoint_every: int = 0        # 0: only at the end (when a checkpoint path is given)
     log_every: int = 10              # record the loss every this many steps
@@ -56,6 +67,8 @@ class TrainConfig:
             raise ValueError(f"label_dropout must be in [0, 1), got {self.label_dropout}")
         if self.grad_clip is not None and not self.grad_clip > 0:
             raise ValueError(f"grad_clip must be positive or None, got {self.grad_clip}")
+        if self.compile not in COMPILE_MODES:
+            raise ValueError(f"compile must be one of {COMPILE_MODES}, got {self.compile!r}")
         if self.checkpoint_every < 0 or self.log_every < 1 or self.warmup_steps < 0:
             raise ValueError("checkpoint_every and warmup_steps must be >= 0, log_every >= 1")
 
@@ -79,8 +92,8 @@ class EMA:
     @torch.no_grad()
     def update(self, model: torch.nn.Module) -> None:
         d = self.current_decay()
-        for ema_p, p in zip(self.model.parameters(), model.parameters()):
-            ema_p.lerp_(p.detach(), 1.0 - d)
+        # ema <- ema + (1 - d) (p - ema) = d ema + (1 - d) p, for all parameters in a few kernels
+        torch._foreach_lerp_(list(self.model.parameters()), [p.detach() for p in model.parameters()], 1.0 - d)
         for ema_b, b in zip(self.model.buffers(), model.buffers()):
             ema_b.copy_(b)
         self.num_updates += 1
@@ -156,14 +169,14 @@ def _set_rng_state(state: dict, gen_cpu: torch.Generator, gen_device: torch.Gene
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def _check_data(images: Tensor, labels: Tensor | None, model) -> None:
+def _check_data(images: Tensor, labels: Tensor | None, model, check_range: bool = True) -> None:
     if not isinstance(images, torch.Tensor) or images.ndim != 4 or not images.is_floating_point():
         raise ValueError("images must be a float tensor of shape (N, C, H, W), values in [-1, 1]")
     if images.shape[0] == 0:
         raise ValueError("images is empty")
     if not torch.isfinite(images).all():
         raise ValueError("images contain NaN or infinite values")
-    if images.min() < -1.001 or images.max() > 1.001:
+    if check_range and (images.min() < -1.001 or images.max() > 1.001):
         raise ValueError(f"images must be scaled to [-1, 1], got values in "
                          f"[{images.min().item():.3g}, {images.max().item():.3g}]; "
                          "use ddpm_lib.data.load, or x * 2 - 1 for images in [0, 1]")
@@ -175,9 +188,50 @@ def _check_data(images: Tensor, labels: Tensor | None, model) -> None:
             raise ValueError("labels were given but the model is unconditional (num_classes=None)")
 
 
+def _resolve_fast_path(config: TrainConfig, device: torch.device) -> dict:
+    """What the fast path does on this device: each ``None`` setting becomes "on a CUDA GPU"."""
+    cuda = device.type == "cuda"
+    bf16 = config.bf16 if config.bf16 is not None else (
+        cuda and torch.cuda.get_device_capability(device)[0] >= 8)   # Ampere and newer compute bf16 natively
+    compile_mode = config.compile if config.compile is not None else (DEFAULT_COMPILE_MODE if cuda else False)
+    if compile_mode is True:
+        compile_mode = "default"
+    return dict(bf16=bool(bf16),
+                channels_last=config.channels_last if config.channels_last is not None else cuda,
+                compile=compile_mode or False,
+                data_on_device=config.data_on_device if config.data_on_device is not None else cuda)
+
+
+def distributed_info() -> tuple[int, int]:
+    """``(rank, world_size)`` of this process: ``(0, 1)`` unless torch.distributed is initialised."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+def init_distributed(backend: str | None = None) -> torch.device:
+    """Join the process group that ``torchrun`` describes (RANK, WORLD_SIZE, MASTER_ADDR, ...)
+    and return this process's device: ``cuda:LOCAL_RANK`` with NCCL on GPUs, the CPU with gloo."""
+    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+        raise RuntimeError("init_distributed needs the variables that torchrun sets; "
+                           "start the script with `torchrun --nproc_per_node=N ...`")
+    cuda = torch.cuda.is_available() and backend != "gloo"
+    backend = backend or ("nccl" if cuda else "gloo")
+    if cuda:
+        local_rank = int(os.environ.get("LOCAL_RANK", 0))
+        torch.cuda.set_device(local_rank)
+        device = torch.device("cuda", local_rank)
+    else:
+        device = torch.device("cpu")
+    if not torch.distributed.is_initialized():
+        torch.distributed.init_process_group(backend)
+    return device
+
+
 def train(model: torch.nn.Module, schedule, images: Tensor, config: TrainConfig | None = None, *,
           labels: Tensor | None = None, checkpoint: str | os.PathLike | None = None,
-          resume: bool = True, device=None, progress: bool = True, **overrides) -> TrainResult:
+          resume: bool = True, device=None, progress: bool = True, check_range: bool = True,
+          callback=None, **overrides) -> TrainResult:
     """Train ``model`` to predict eps with L_simple on ``images`` (N, C, H, W) in [-1, 1].
 
     ``config`` (or keyword overrides such as ``steps=500``) sets the run. With
@@ -185,28 +239,53 @@ def train(model: torch.nn.Module, schedule, images: Tensor, config: TrainConfig 
     and if the file already exists (and ``resume``) training continues from it up to
     ``config.steps``: run the same cell again after a disconnect and it picks up where it was.
     Class labels (N,) make a class-conditional model learn with label dropout.
+    ``check_range=False`` accepts data outside [-1, 1] (latents of an autoencoder, say).
+    ``callback(step, model, ema)``, if given, runs after every step; returning True stops
+    training there (benchmarks use it to time steps and to stop at a wall-clock budget).
 
-    The images stay where they are (CPU is fine); each batch is moved to ``device``.
+    On a CUDA GPU the fast path is on by default (see :class:`TrainConfig`): bf16 autocast,
+    channels_last, the dataset kept on the GPU, fused AdamW, a multi-tensor EMA update,
+    ``torch.compile`` of the loss, and no host-device synchronisation between logged steps.
+
+    Several processes (``torchrun``; call :func:`init_distributed` first) train one model
+    with DistributedDataParallel: every process draws the same global batch of
+    ``batch_size`` images, timesteps and noise from the same seeded generators and keeps its
+    own slice of it, so the averaged gradient is the one a single process would compute on
+    the whole batch. Every process keeps the EMA; rank 0 alone writes checkpoints.
     """
     config = TrainConfig(**{**(asdict(config) if config else {}), **overrides})
-    _check_data(images, labels, model)
+    _check_data(images, labels, model, check_range)
+    rank, world = distributed_info()
+    if config.batch_size % world:
+        raise ValueError(f"batch_size {config.batch_size} must be divisible by the number of processes ({world})")
     device = torch.device(device) if device is not None else next(model.parameters()).device
+    if device.type == "cuda" and device.index is None:      # "cuda" means the current GPU
+        device = torch.device("cuda", torch.cuda.current_device())
+    fast = _resolve_fast_path(config, device)
     model.to(device)
+    if fast["channels_last"]:
+        model.to(memory_format=torch.channels_last)
     schedule = schedule.to(device) if schedule.device != device else schedule
-    if config.bf16 is None:  # bf16 where the GPU computes it natively (Ampere and newer), else float32
-        use_bf16 = device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 8
-    else:
-        use_bf16 = config.bf16
+    if fast["data_on_device"]:
+        images = images.to(device)
+        labels = labels.to(device) if labels is not None else None
 
-    gen_cpu = torch.Generator().manual_seed(config.seed)          # which images, which t
+    # All randomness comes from seeded generators, identical on every process: on the CPU one
+    # generator draws images, t, eps and label dropout (in that order); on a GPU a GPU generator does.
+    gen_cpu = torch.Generator().manual_seed(config.seed)
     gen_device = torch.Generator(device).manual_seed(config.seed + 1) if device.type != "cpu" else None
-    torch.manual_seed(config.seed)                                # dropout
+    gen_batch = gen_device if fast["data_on_device"] and gen_device is not None else gen_cpu
+    torch.manual_seed(config.seed + rank)                        # dropout: a different mask per process
     ema = EMA(model, config.ema_decay)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay,
                                   **({"fused": True} if device.type == "cuda" else {}))
-    running = []   # losses since the last logged step
+    running = []   # losses since the last logged step (device tensors until they are logged)
+    stat_dtype = torch.float32 if device.type == "mps" else torch.float64
     history = {"step": [], "loss": [], "loss_sum_by_t": torch.zeros(schedule.T, dtype=torch.float64),
                "count_by_t": torch.zeros(schedule.T, dtype=torch.float64)}
+    # this process's share of the per-timestep sums since the start (or the resume), on the device
+    sum_by_t = torch.zeros(schedule.T, dtype=stat_dtype, device=device)
+    count_by_t = torch.zeros(schedule.T, dtype=stat_dtype, device=device)
     step, resumed_from = 0, None
 
     if checkpoint is not None and resume and Path(checkpoint).exists():
@@ -216,37 +295,78 @@ def train(model: torch.nn.Module, schedule, images: Tensor, config: TrainConfig 
         optimizer.load_state_dict(state["optimizer"])
         history = {k: (v.cpu() if isinstance(v, torch.Tensor) else v) for k, v in state["history"].items()}
         step = resumed_from = state["step"]
-        running = list(state["running"])
+        running = [torch.tensor(v) for v in state["running"]]
         _set_rng_state(state["rng"], gen_cpu, gen_device)
+
+    net = model
+    if world > 1:
+        net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
+
+    def loss_per_image(x0, t, eps, y):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=fast["bf16"]):
+            return diffusion.loss_simple(net, schedule, x0, t, eps, y=y, reduction="none")
+    if fast["compile"]:
+        loss_per_image = torch.compile(loss_per_image, mode=fast["compile"])
+
+    def reduced(x: Tensor) -> Tensor:       # summed over processes
+        if world > 1:
+            x = x.clone()
+            torch.distributed.all_reduce(x)
+        return x
+
+    def flush_history() -> None:
+        """Move the losses and per-timestep sums to ``history`` (one synchronisation)."""
+        nonlocal running
+        if running:
+            losses = reduced(torch.stack([r.to(device) for r in running]).float()) / world
+            losses = losses.cpu()
+            if not torch.isfinite(losses).all():
+                bad = step - len(running) + int((~torch.isfinite(losses)).nonzero()[0])
+                raise FloatingPointError(f"the loss became {losses[~torch.isfinite(losses)][0].item()} at step "
+                                         f"{bad + 1}; lower lr (now {config.lr}) or keep grad_clip on")
+            running = [losses[i] for i in range(len(losses))]
+        history["loss_sum_by_t"] += reduced(sum_by_t).cpu().double()
+        history["count_by_t"] += reduced(count_by_t).cpu().double()
+        sum_by_t.zero_()
+        count_by_t.zero_()
 
     def checkpoint_state() -> dict:
         return {"model": model.state_dict(), "ema": ema.state_dict(), "optimizer": optimizer.state_dict(),
-                "step": step, "history": history, "running": running, "rng": _rng_state(gen_cpu, gen_device),
-                "config": asdict(config), "model_config": getattr(model, "config", None),
-                "betas": schedule.float64("betas")}
+                "step": step, "history": history, "running": [float(r) for r in running],
+                "rng": _rng_state(gen_cpu, gen_device), "config": asdict(config),
+                "model_config": getattr(model, "config", None), "betas": schedule.float64("betas")}
 
+    def save() -> None:
+        flush_history()
+        if rank == 0:
+            save_checkpoint(checkpoint_state(), checkpoint)
+        if world > 1:
+            torch.distributed.barrier()     # nobody runs ahead of a checkpoint being written
+
+    B, shard = config.batch_size, slice(rank * (config.batch_size // world), (rank + 1) * (config.batch_size // world))
     model.train()
-    bar = tqdm(total=config.steps, initial=step, desc="train", disable=not progress)
+    bar = tqdm(total=config.steps, initial=step, desc="train", disable=not progress or rank != 0)
     while step < config.steps:
-        idx = torch.randint(images.shape[0], (config.batch_size,), generator=gen_cpu)
+        # the global batch, drawn identically by every process; each keeps its shard
+        idx = torch.randint(images.shape[0], (B,), generator=gen_batch, device=gen_batch.device)
+        t = torch.randint(schedule.T, (B,), generator=gen_batch, device=gen_batch.device)
+        eps = torch.randn((B, *images.shape[1:]), generator=gen_device or gen_cpu, device=device)
+        drop = (torch.rand(B, generator=gen_batch, device=gen_batch.device) < config.label_dropout
+                if labels is not None else None)
+        idx, t, eps = idx[shard].to(images.device), t[shard].to(device), eps[shard]
         x0 = images[idx].to(device, non_blocking=True)
-        t = torch.randint(schedule.T, (config.batch_size,), generator=gen_cpu).to(device)
-        eps = torch.randn(x0.shape, generator=gen_device or gen_cpu, device=device)
+        if fast["channels_last"]:
+            x0, eps = x0.contiguous(memory_format=torch.channels_last), eps.contiguous(memory_format=torch.channels_last)
         y = None
         if labels is not None:
             y = labels[idx].to(device)
-            drop = torch.rand(config.batch_size, generator=gen_cpu).to(device) < config.label_dropout
-            y = torch.where(drop, torch.full_like(y, model.num_classes), y)
+            y = torch.where(drop[shard].to(device), torch.full_like(y, model.num_classes), y)
 
         lr = config.lr * min(1.0, (step + 1) / config.warmup_steps) if config.warmup_steps else config.lr
         for group in optimizer.param_groups:
             group["lr"] = lr
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
-            per_image = diffusion.loss_simple(model, schedule, x0, t, eps, y=y, reduction="none")
+        per_image = loss_per_image(x0, t, eps, y)
         loss = per_image.mean()
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"the loss became {loss.item()} at step {step}; lower lr "
-                                     f"(now {config.lr}) or keep grad_clip on")
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if config.grad_clip is not None:
@@ -255,20 +375,23 @@ def train(model: torch.nn.Module, schedule, images: Tensor, config: TrainConfig 
         ema.update(model)
         step += 1
 
-        running.append(loss.item())
-        t_cpu = t.cpu()
-        history["loss_sum_by_t"].index_add_(0, t_cpu, per_image.detach().double().cpu())
-        history["count_by_t"].index_add_(0, t_cpu, torch.ones_like(t_cpu, dtype=torch.float64))
+        running.append(loss.detach())
+        sum_by_t.index_add_(0, t, per_image.detach().to(stat_dtype))
+        count_by_t.index_add_(0, t, torch.ones_like(t, dtype=stat_dtype))
         if step % config.log_every == 0:
+            flush_history()
             history["step"].append(step)
-            history["loss"].append(sum(running) / len(running))
+            history["loss"].append(sum(float(r) for r in running) / len(running))
             bar.set_postfix(loss=f"{history['loss'][-1]:.4f}")
             running = []
         bar.update(1)
         if checkpoint is not None and config.checkpoint_every and step % config.checkpoint_every == 0:
-            save_checkpoint(checkpoint_state(), checkpoint)
+            save()
+        if callback is not None and callback(step, model, ema):
+            break
     bar.close()
+    flush_history()
     if checkpoint is not None:
-        save_checkpoint(checkpoint_state(), checkpoint)
+        save()
     model.eval()
     return TrainResult(model=model, ema_model=ema.model, history=history, step=step, resumed_from=resumed_from)

@@ -47,3 +47,18 @@ def test_cli_errors_are_clear(tmp_path):
     assert rc == 2 and "not a ddpm_lib weights file" in out
     with pytest.raises(ValueError, match="no pretrained model"):
         load_pretrained("nonexistent")
+
+
+def test_benchmark_runs_and_writes_its_table(tmp_path):
+    """`python -m ddpm_lib.bench` end to end on the CPU, tiny: one variant, one timed step."""
+    import json
+
+    from ddpm_lib import bench
+    out = tmp_path / "bench.json"
+    bench.main(["--nets", "small", "--variants", "ddpm_lib eager fp32", "--steps", "1", "--warmup", "1",
+                "--batch-size", "4", "--json", str(out)])
+    result = json.loads(out.read_text())
+    row, = result["throughput"]
+    assert row["variant"] == "ddpm_lib eager fp32" and row["params"] == 1_112_801
+    assert row["images_per_s"] > 0 and row["ms_per_eval"] > 0 and row["tflops_per_s"] > 0
+    assert result["environment"]["device"] == "cpu"

@@ -1,0 +1,311 @@
+"""Benchmarks: ddpm_lib's U-Net and training loop beside diffusers' ``UNet2DModel``.
+
+    python -m ddpm_lib.bench                       # both networks, on the GPU if there is one
+    python -m ddpm_lib.bench --nets small --steps 20 --json bench.json
+    python -m ddpm_lib.bench --time-to-quality 30,60,120
+
+Everything is measured side by side in one process, on one device, so that the ratios hold
+even on a noisy machine. Both networks train through the same loop (:func:`ddpm_lib.train.train`:
+same data, batch, AdamW, EMA, clipping, loss); only the network and the fast-path settings
+differ. Two network sizes, each matched in parameters to a diffusers configuration:
+
+* ``small``: the book's Fashion-MNIST network (1.1M parameters, 28x28x1), launch-bound;
+* ``cifar``: the DDPM paper's CIFAR-10 network (35.7M parameters, 32x32x3), compute-bound.
+
+For each it prints training throughput (images/s), the time of one network evaluation when
+sampling, peak GPU memory, and on a GPU the model-FLOPs utilisation (MFU): the FLOPs of a
+forward and backward pass (counted by ``torch.utils.flop_counter``) per second, over the
+GPU's dense bf16 peak. ``--time-to-quality`` trains the small networks for wall-clock
+budgets on Fashion-MNIST and scores DDIM samples with :mod:`ddpm_lib.metrics`.
+
+diffusers is needed only here: ``pip install diffusers``.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import platform
+import time
+
+import torch
+
+from . import data
+from .samplers import ddim_sample
+from .schedules import NoiseSchedule
+from .train import train
+from .unet import UNet, count_parameters
+
+# Matched configurations: (ddpm_lib UNet kwargs, diffusers UNet2DModel kwargs, image shape)
+NETS = {
+    "small": (dict(in_channels=1, base_channels=32, channel_mults=(1, 2, 2), num_res_blocks=1,
+                   attention_resolutions=(7,), dropout=0.0, image_size=28),
+              dict(sample_size=28, in_channels=1, out_channels=1, block_out_channels=(32, 64, 64),
+                   layers_per_block=1, down_block_types=("DownBlock2D", "DownBlock2D", "AttnDownBlock2D"),
+                   up_block_types=("AttnUpBlock2D", "UpBlock2D", "UpBlock2D")),
+              (1, 28, 28)),
+    "cifar": (dict(in_channels=3, base_channels=128, channel_mults=(1, 2, 2, 2), num_res_blocks=2,
+                   attention_resolutions=(16,), dropout=0.0, image_size=32),
+              dict(sample_size=32, in_channels=3, out_channels=3, block_out_channels=(128, 256, 256, 256),
+                   layers_per_block=2, down_block_types=("DownBlock2D", "AttnDownBlock2D", "DownBlock2D",
+                                                         "DownBlock2D"),
+                   up_block_types=("UpBlock2D", "UpBlock2D", "AttnUpBlock2D", "UpBlock2D")),
+              (3, 32, 32)),
+}
+
+# dense bf16 tensor-core peak, FLOP/s, by a substring of the device name (vendor data sheets)
+PEAK_BF16 = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L4": 121e12, "A10G": 125e12,
+             "T4": 65e12, "V100": 125e12}
+
+# The variants measured: name -> (network, fast-path settings for TrainConfig)
+EAGER_FP32 = dict(bf16=False, channels_last=False, compile=False)
+EAGER_BF16 = dict(bf16=True, channels_last=False, compile=False)
+VARIANTS = {
+    "diffusers eager fp32": ("diffusers", EAGER_FP32),
+    "diffusers eager bf16": ("diffusers", EAGER_BF16),
+    "ddpm_lib eager fp32": ("ddpm_lib", EAGER_FP32),
+    "ddpm_lib eager bf16": ("ddpm_lib", EAGER_BF16),
+    "ddpm_lib fast": ("ddpm_lib", dict(bf16=True, channels_last=True, compile="reduce-overhead")),
+}
+
+
+class DiffusersEps(torch.nn.Module):
+    """A diffusers UNet2DModel behind ddpm_lib's model interface: ``(x_t, t) -> eps``."""
+
+    def __init__(self, **config):
+        super().__init__()
+        from diffusers import UNet2DModel
+        self.net = UNet2DModel(**config)
+
+    def forward(self, x_t, t, y=None):
+        return self.net(x_t, t).sample
+
+
+def build(kind: str, net: str) -> torch.nn.Module:
+    torch.manual_seed(0)
+    ours, theirs, _ = NETS[net]
+    return UNet(**ours) if kind == "ddpm_lib" else DiffusersEps(**theirs)
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def train_flops(model, shape, batch_size, device) -> float:
+    """FLOPs of one forward and backward pass at ``batch_size`` (matrix products and convolutions)."""
+    from torch.utils.flop_counter import FlopCounterMode
+    model = copy.deepcopy(model).to(device)
+    x = torch.randn((batch_size, *shape), device=device)
+    t = torch.randint(1000, (batch_size,), device=device)
+    with FlopCounterMode(display=False) as counter:
+        model(x, t).float().square().mean().backward()
+    return float(counter.get_total_flops())
+
+
+def measure_training(kind, net, fast, device, batch_size, steps, warmup, images) -> dict:
+    """Images/s over ``steps`` timed steps after ``warmup`` (which absorbs compilation)."""
+    model = build(kind, net)
+    marks = {}
+
+    def clock(step, *_):
+        if step in (warmup, warmup + steps):
+            synchronize(device)
+            marks[step] = time.perf_counter()
+        return step >= warmup + steps
+
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    start = time.perf_counter()
+    train(model, NoiseSchedule.linear(), images, steps=warmup + steps, batch_size=batch_size, lr=1e-4,
+          device=device, progress=False, log_every=10**9, data_on_device=device.type == "cuda",
+          callback=clock, **fast)
+    seconds = marks[warmup + steps] - marks[warmup]
+    out = dict(images_per_s=steps * batch_size / seconds, ms_per_step=1e3 * seconds / steps,
+               warmup_s=marks[warmup] - start, params=count_parameters(model))
+    if device.type == "cuda":
+        out["peak_memory_gb"] = torch.cuda.max_memory_allocated(device) / 1e9
+    return out
+
+
+@torch.no_grad()
+def measure_sampling(kind, net, device, batch_size, reps=20, bf16=False) -> float:
+    """Milliseconds per network evaluation (one sampler step's model call) at ``batch_size``."""
+    model = build(kind, net).to(device).eval()
+    x = torch.randn((batch_size, *NETS[net][2]), device=device)
+    t = torch.full((batch_size,), 500, device=device)
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+        for _ in range(3):
+            model(x, t)
+        synchronize(device)
+        start = time.perf_counter()
+        for _ in range(reps):
+            model(x, t)
+        synchronize(device)
+    return 1e3 * (time.perf_counter() - start) / reps
+
+
+def time_to_quality(device, budgets, batch_size, n_samples, variants) -> list[dict]:
+    """Train each variant on Fashion-MNIST for wall-clock ``budgets`` (seconds, compilation
+    included), snapshot the EMA weights at each, and score DDIM-50 samples of each snapshot."""
+    from . import metrics
+    images, _ = data.load("fashion_mnist", "train")
+    reference = metrics.reference_features("fashion_mnist", "train")
+    schedule = NoiseSchedule.linear()
+    rows = [dict(variant="real test images (floor)", budget_s=0, steps=0,
+                 **metrics.real_floor(n_samples, real_features=reference))]
+    for name in variants:
+        kind, fast = VARIANTS[name]
+        model = build(kind, "small")
+        snapshots, todo = {}, sorted(budgets)
+        start = time.perf_counter()
+
+        def snap(step, model, ema):
+            if todo and time.perf_counter() - start >= todo[0]:
+                snapshots[todo.pop(0)] = (step, copy.deepcopy(ema.model).eval())
+            return not todo
+
+        train(model, schedule, images, steps=10**7, batch_size=batch_size, lr=5e-4, warmup_steps=200,
+              ema_decay=0.999, device=device, progress=False, log_every=100, callback=snap, **fast)
+        for budget, (step, ema_model) in snapshots.items():
+            g = torch.Generator(device).manual_seed(0)
+            samples = ddim_sample(ema_model, schedule, (n_samples, 1, 28, 28), steps=50, generator=g,
+                                  device=device).cpu()
+            scores = metrics.evaluate(samples, real_features=reference)
+            rows.append(dict(variant=name, budget_s=budget, steps=step, **scores))
+            print(f"  {name:22s} {budget:6.0f} s  {step:7d} steps  " +
+                  "  ".join(f"{k} {v:.4g}" for k, v in scores.items() if isinstance(v, (int, float))), flush=True)
+    return rows
+
+
+def environment(device) -> dict:
+    env = dict(date=time.strftime("%Y-%m-%d"), torch=torch.__version__, python=platform.python_version(),
+               device=str(device), cpu=platform.processor() or platform.machine(),
+               threads=torch.get_num_threads())
+    if device.type == "cuda":
+        env["gpu"] = torch.cuda.get_device_name(device)
+    try:
+        import diffusers
+        env["diffusers"] = diffusers.__version__
+    except ImportError:
+        env["diffusers"] = None
+    return env
+
+
+def peak_flops(device) -> float | None:
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((v for k, v in PEAK_BF16.items() if k in name), None)
+
+
+def run(device, nets, variants, batch_sizes, steps, warmup) -> list[dict]:
+    images = {net: torch.rand((4096, *NETS[net][2])) * 2 - 1 for net in nets}
+    rows = []
+    for net in nets:
+        B = batch_sizes[net]
+        flops = None
+        for name in variants:
+            kind, fast = VARIANTS[name]
+            if fast.get("bf16") and device.type == "cuda" and torch.cuda.get_device_capability(device)[0] < 8:
+                continue
+            try:
+                row = dict(net=net, variant=name, batch=B, **measure_training(
+                    kind, net, fast, device, B, steps, warmup, images[net]))
+                row["ms_per_eval"] = measure_sampling(kind, net, device, B, bf16=fast.get("bf16", False))
+            except Exception as e:  # one variant failing (say, compile) must not hide the others
+                row = dict(net=net, variant=name, batch=B, error=f"{type(e).__name__}: {e}"[:300])
+            if "images_per_s" in row:
+                if flops is None:
+                    flops = train_flops(build(kind, net), NETS[net][2], B, device)
+                row["tflops_per_s"] = flops * row["images_per_s"] / B / 1e12
+                peak = peak_flops(device)
+                row["mfu"] = row["tflops_per_s"] * 1e12 / peak if peak else None
+            rows.append(row)
+            print(format_row(row), flush=True)
+        base = next((r for r in rows if r["net"] == net and r["variant"] == "diffusers eager bf16"
+                     and "images_per_s" in r), None) or next(
+            (r for r in rows if r["net"] == net and r["variant"] == "diffusers eager fp32" and "images_per_s" in r), None)
+        for r in rows:
+            if r["net"] == net and base and "images_per_s" in r:
+                r["vs_diffusers"] = r["images_per_s"] / base["images_per_s"]
+                r["vs_diffusers_baseline"] = base["variant"]
+    return rows
+
+
+def format_row(r: dict) -> str:
+    if "error" in r:
+        return f"{r['net']:6s} {r['variant']:22s} failed: {r['error']}"
+    mfu = f"{100 * r['mfu']:5.1f}%" if r.get("mfu") is not None else "  n/a"
+    mem = f"{r['peak_memory_gb']:6.2f} GB" if "peak_memory_gb" in r else "     n/a"
+    return (f"{r['net']:6s} {r['variant']:22s} {r['params']:>11,d} params  batch {r['batch']:4d}  "
+            f"{r['images_per_s']:9.1f} img/s  {r['ms_per_step']:8.2f} ms/step  {r['ms_per_eval']:8.2f} ms/eval  "
+            f"{mem}  MFU {mfu}  (warm-up {r['warmup_s']:.1f} s)")
+
+
+def table(rows: list[dict]) -> str:
+    """A Markdown table of the throughput rows."""
+    lines = ["| network | variant | params | batch | images/s | vs diffusers | ms/eval | peak memory | MFU |",
+             "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['net']} | {r['variant']} | failed: {r['error'][:80]} | | | | | | |")
+            continue
+        ratio = f"{r['vs_diffusers']:.2f}x" if "vs_diffusers" in r else "n/a"
+        mem = f"{r['peak_memory_gb']:.2f} GB" if "peak_memory_gb" in r else "n/a"
+        mfu = f"{100 * r['mfu']:.1f}%" if r.get("mfu") is not None else "n/a"
+        lines.append(f"| {r['net']} | {r['variant']} | {r['params']:,} | {r['batch']} | {r['images_per_s']:,.0f} | "
+                     f"{ratio} | {r['ms_per_eval']:.2f} | {mem} | {mfu} |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(prog="python -m ddpm_lib.bench", description=__doc__.split("\n")[0])
+    p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    p.add_argument("--nets", default="small,cifar", help=f"comma-separated, from {sorted(NETS)}")
+    p.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated, from {list(VARIANTS)}")
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--steps", type=int, default=None, help="timed steps (default: 50 on a GPU, 5 on a CPU)")
+    p.add_argument("--warmup", type=int, default=None, help="untimed steps first (default: 15 on a GPU, 2 on a CPU)")
+    p.add_argument("--time-to-quality", default="", help="comma-separated wall-clock budgets in seconds")
+    p.add_argument("--ttq-samples", type=int, default=1000)
+    p.add_argument("--no-throughput", action="store_true", help="skip the throughput table")
+    p.add_argument("--json", default=None, help="write every figure to this JSON file")
+    args = p.parse_args(argv)
+
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    gpu = device.type == "cuda"
+    nets = [n.strip() for n in args.nets.split(",") if n.strip()]
+    variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+    for name, known in (("nets", NETS), ("variants", VARIANTS)):
+        bad = [v for v in (nets if name == "nets" else variants) if v not in known]
+        if bad:
+            p.error(f"unknown {name} {bad}; choose from {list(known)}")
+    try:
+        import diffusers  # noqa: F401
+    except ImportError:
+        print("diffusers is not installed (pip install diffusers): measuring ddpm_lib alone")
+        variants = [v for v in variants if not v.startswith("diffusers")]
+    steps = args.steps or (50 if gpu else 5)
+    warmup = args.warmup or (15 if gpu else 2)
+    env = environment(device)
+    print(" | ".join(f"{k}: {v}" for k, v in env.items()))
+    rows = [] if args.no_throughput else run(device, nets, variants, {n: args.batch_size for n in nets}, steps, warmup)
+    if rows:
+        print()
+        print(table(rows))
+    result = dict(environment=env, steps=steps, warmup=warmup, throughput=rows)
+    if args.time_to_quality:
+        budgets = [float(b) for b in args.time_to_quality.split(",")]
+        ttq = [v for v in ("diffusers eager bf16" if gpu else "diffusers eager fp32",
+                           "ddpm_lib fast" if gpu else "ddpm_lib eager fp32") if v in variants]
+        print(f"\ntime to quality: {ttq}, budgets {budgets} s")
+        result["time_to_quality"] = time_to_quality(device, budgets, args.batch_size, args.ttq_samples, ttq)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=1, default=str)
+        print(f"wrote {args.json}")
+
+
+if __name__ == "__main__":
+    main()
