@@ -1,0 +1,276 @@
+"""ddpm_lib.metrics: the Frechet distance against its closed form, KID, precision/recall,
+class statistics, nearest neighbours, and the shipped classifier on real Fashion-MNIST."""
+import math
+import shutil
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from ddpm_lib import metrics
+from ddpm_lib.data import load, to_uint8
+
+
+def random_spd(d, gen, floor=0.1):
+    a = torch.randn(d, d, generator=gen, dtype=torch.float64)
+    return a @ a.T / d + floor * torch.eye(d, dtype=torch.float64)
+
+
+# ----------------------------------------------------------------------------- Frechet distance
+
+def test_frechet_distance_closed_form_non_commuting(gen):
+    """With S2 = M S1 M (M symmetric positive definite), S1^(1/2) S2 S1^(1/2) = (S1^(1/2) M S1^(1/2))^2,
+    so Tr((S1 S2)^(1/2)) = Tr(M S1) exactly, although S1 and S2 do not commute."""
+    d = 6
+    s1, m = random_spd(d, gen), random_spd(d, gen)
+    s2 = m @ s1 @ m
+    assert not torch.allclose(s1 @ s2, s2 @ s1)
+    mu1, mu2 = torch.randn(d, generator=gen, dtype=torch.float64), torch.randn(d, generator=gen, dtype=torch.float64)
+    assert metrics.trace_sqrt_product(s1, s2) == pytest.approx(float(torch.trace(m @ s1)), rel=1e-10)
+    expected = float(((mu1 - mu2) ** 2).sum() + torch.trace(s1) + torch.trace(s2) - 2 * torch.trace(m @ s1))
+    assert metrics.frechet_distance_from_statistics(mu1, s1, mu2, s2) == pytest.approx(expected, rel=1e-10)
+
+
+def test_frechet_distance_closed_form_diagonal_and_1d():
+    # diagonal covariances: sum (mu1 - mu2)^2 + sum (sqrt(s1) - sqrt(s2))^2
+    mu1, mu2 = torch.tensor([0.0, 1.0, 2.0]), torch.tensor([1.0, 1.0, -1.0])
+    v1, v2 = torch.tensor([1.0, 4.0, 0.25]), torch.tensor([9.0, 1.0, 0.25])
+    expected = float(((mu1 - mu2) ** 2).sum() + ((v1.sqrt() - v2.sqrt()) ** 2).sum())  # 10 + 4 + 1
+    assert expected == pytest.approx(15.0)
+    got = metrics.frechet_distance_from_statistics(mu1, torch.diag(v1), mu2, torch.diag(v2))
+    assert got == pytest.approx(expected, rel=1e-12)
+    assert metrics.frechet_distance_from_statistics([3.0], [[4.0]], [1.0], [[1.0]]) == pytest.approx(4.0 + 1.0)
+
+
+def test_trace_sqrt_product_agrees_with_scipy_sqrtm(gen):
+    linalg = pytest.importorskip("scipy.linalg")
+    s1, s2 = random_spd(8, gen), random_spd(8, gen)
+    root = linalg.sqrtm((s1 @ s2).numpy())
+    assert metrics.trace_sqrt_product(s1, s2) == pytest.approx(float(root.trace().real), rel=1e-8)
+    assert abs(root.trace().imag) < 1e-8
+
+
+def test_frechet_distance_of_samples(gen):
+    """Features drawn from two Gaussians: the distance of the fitted Gaussians approaches the
+    closed form; a set has distance 0 to itself; rank-deficient covariances (N < D) work."""
+    d, n = 4, 20000
+    s1, m = random_spd(d, gen), random_spd(d, gen)
+    s2 = m @ s1 @ m
+    mu2 = torch.full((d,), 0.5, dtype=torch.float64)
+    a = torch.randn(n, d, generator=gen, dtype=torch.float64) @ torch.linalg.cholesky(s1).T
+    b = mu2 + torch.randn(n, d, generator=gen, dtype=torch.float64) @ torch.linalg.cholesky(s2).T
+    exact = metrics.frechet_distance_from_statistics(torch.zeros(d), s1, mu2, s2)
+    assert metrics.frechet_distance(a, b) == pytest.approx(exact, rel=0.05)
+    assert metrics.frechet_distance(a, a) == pytest.approx(0.0, abs=1e-9)
+    few = torch.randn(10, 32, generator=gen)  # covariance of rank 9 in 32 dimensions
+    assert metrics.frechet_distance(few, few) == pytest.approx(0.0, abs=1e-9)
+    assert metrics.frechet_distance(few, few + 1.0) == pytest.approx(32.0, rel=1e-6)
+
+
+def test_feature_statistics_and_errors(gen):
+    f = torch.randn(50, 3, generator=gen)
+    mu, sigma = metrics.feature_statistics(f)
+    assert mu.dtype == sigma.dtype == torch.float64 and sigma.shape == (3, 3)
+    assert torch.allclose(sigma, torch.cov(f.double().T))
+    with pytest.raises(ValueError, match="dimensions differ"):
+        metrics.frechet_distance(f, f[:, :2])
+    with pytest.raises(ValueError, match=r"\(N, D\)"):
+        metrics.frechet_distance(f[0], f)
+    not_a_covariance = torch.diag(torch.tensor([1.0, -0.5, 2.0]))
+    with pytest.raises(ValueError, match="positive semi-definite"):
+        metrics.frechet_distance_from_statistics(mu, not_a_covariance, mu, sigma)
+    with pytest.raises(ValueError, match="positive semi-definite"):
+        metrics.frechet_distance_from_statistics(mu, sigma, mu, not_a_covariance)
+
+
+def test_fid_accepts_any_extractor(gen):
+    x = torch.rand(40, 1, 28, 28, generator=gen) * 2 - 1
+    mean_and_std = lambda im: torch.stack([im.mean((1, 2, 3)), im.std((1, 2, 3))], 1)  # noqa: E731
+    assert metrics.fid(x, x, extractor=mean_and_std, batch_size=7) == pytest.approx(0.0, abs=1e-9)
+    assert metrics.fid(x, (x + 0.5).clamp(-1, 1), extractor=mean_and_std) > 0.05
+    # uint8 images are the same images
+    u8 = ((x + 1) * 127.5).round().to(torch.uint8)
+    assert torch.allclose(metrics.as_float_images(u8), x, atol=1 / 127.5)
+    assert metrics.as_float_images(u8[:, 0]).shape == (40, 1, 28, 28)
+
+
+# ----------------------------------------------------------------------------- KID
+
+def test_kid_same_and_different_distributions(gen):
+    a = torch.randn(1500, 8, generator=gen)
+    b = torch.randn(1500, 8, generator=gen)
+    c = torch.randn(1500, 8, generator=gen) * 1.2 + 0.3
+    same = metrics.kid(a, b, subsets=20, subset_size=500)
+    diff = metrics.kid(a, c, subsets=20, subset_size=500)
+    assert abs(same.mean) < 3 * same.std + 1e-3
+    assert diff.mean > 5 * diff.std > 0
+    assert metrics.kid(a, b, subsets=20, subset_size=500) == same  # seeded
+
+
+def test_mmd2_unbiased_matches_the_definition(gen):
+    x, y = torch.randn(5, 3, generator=gen, dtype=torch.float64), torch.randn(4, 3, generator=gen, dtype=torch.float64)
+    k = lambda u, v: (u @ v / 3 + 1) ** 3  # noqa: E731
+    xx = sum(k(x[i], x[j]) for i in range(5) for j in range(5) if i != j) / 20
+    yy = sum(k(y[i], y[j]) for i in range(4) for j in range(4) if i != j) / 12
+    xy = sum(k(x[i], y[j]) for i in range(5) for j in range(4)) / 20
+    assert metrics.mmd2_unbiased(x, y) == pytest.approx(float(xx + yy - 2 * xy), rel=1e-12)
+
+
+# ----------------------------------------------------------------------------- precision and recall
+
+def test_precision_recall_on_toy_manifolds(gen):
+    real = torch.randn(2000, 2, generator=gen)
+    same = torch.randn(2000, 2, generator=gen)
+    corner = torch.randn(8000, 2, generator=gen)
+    corner = corner[corner[:, 0] > 1.0][:1000]  # a part of the real manifold only
+    off = torch.randn(1000, 2, generator=gen) + 6.0  # elsewhere
+    pr_same = metrics.precision_recall(real, same, k=3)
+    pr_corner = metrics.precision_recall(real, corner, k=3)
+    pr_off = metrics.precision_recall(real, off, k=3)
+    assert pr_same.precision > 0.9 and pr_same.recall > 0.9
+    assert pr_corner.precision > 0.95 and pr_corner.recall < 0.35
+    assert pr_off.precision < 0.05 and pr_off.recall < 0.05
+
+
+def test_knn_radii_brute_force(gen):
+    f = torch.randn(30, 3, generator=gen, dtype=torch.float64)
+    d = torch.cdist(f, f)
+    expected = d.sort(dim=1).values[:, 3]
+    assert torch.allclose(metrics.knn_radii(f, k=3, chunk_size=7), expected)
+
+
+# ----------------------------------------------------------------------------- class statistics
+
+def test_histogram_entropy():
+    assert metrics.histogram_entropy(torch.ones(10)) == pytest.approx(math.log(10))
+    assert metrics.histogram_entropy([5, 0, 0]) == 0.0
+    assert metrics.histogram_entropy([1, 1, 0, 0]) == pytest.approx(math.log(2))
+
+
+# ----------------------------------------------------------------------------- nearest neighbours
+
+def test_nearest_neighbours_brute_force(gen):
+    train = torch.rand(300, 1, 28, 28, generator=gen) * 2 - 1
+    samples = torch.cat([train[[5, 123, 299]], torch.rand(4, 1, 28, 28, generator=gen) * 2 - 1])
+    nn = metrics.nearest_neighbours(samples, train, k=3, chunk_size=64)
+    assert nn["indices"][:3, 0].tolist() == [5, 123, 299]
+    assert torch.all(nn["distances"][:3, 0] == 0)
+    d = torch.cdist(samples.flatten(1).double(), train.flatten(1).double())
+    expected_d, expected_i = d.sort(dim=1)
+    assert torch.equal(nn["indices"], expected_i[:, :3])
+    assert torch.allclose(nn["distances"], expected_d[:, :3])
+    # uint8 NumPy arrays (N, H, W), as `python -m ddpm_lib sample --npy` writes them
+    nn_u8 = metrics.nearest_neighbours(to_uint8(samples)[:3, 0], to_uint8(train)[:, 0], k=1)
+    assert nn_u8["indices"][:, 0].tolist() == [5, 123, 299] and torch.all(nn_u8["distances"] == 0)
+    with pytest.raises(ValueError, match="only 2 rows"):
+        metrics.nearest_neighbours(samples, train[:2], k=3)
+
+
+# ----------------------------------------------------------------------------- the FID network
+
+def test_inception_extractor_never_downloads_silently(tmp_path, monkeypatch):
+    def no_download(*args, **kwargs):
+        raise AssertionError("inception_extractor downloaded without download=True")
+    monkeypatch.setattr(torch.hub, "download_url_to_file", no_download)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    monkeypatch.delenv("DDPM_INCEPTION_WEIGHTS", raising=False)
+    for path in (None, tmp_path / "missing.pth"):
+        with pytest.raises(FileNotFoundError) as info:
+            metrics.inception_extractor(weights_path=path)
+        assert metrics.FID_INCEPTION_URL in str(info.value) and "download=True" in str(info.value)
+
+
+def test_fid_inception_network_shapes():
+    pytest.importorskip("torchvision")
+    net = metrics.build_fid_inception()  # random weights: the architecture only
+    assert net(torch.zeros(2, 3, 299, 299)).shape == (2, 2048)
+
+
+# ----------------------------------------------------------------------------- the shipped classifier
+
+def test_classifier_sha256_mismatch(tmp_path):
+    bad = tmp_path / "classifier.pt"
+    shutil.copy(metrics.WEIGHTS_DIR / metrics.CLASSIFIER_FILE, bad)
+    with open(bad, "ab") as f:
+        f.write(b"\0")
+    with pytest.raises(ValueError, match="sha256"):
+        metrics.load_classifier(path=bad)
+    with pytest.raises(FileNotFoundError, match="train_classifier"):
+        metrics.load_classifier(path=tmp_path / "absent.pt")
+
+
+@pytest.fixture(scope="module")
+def fashion():
+    """Real Fashion-MNIST and the shipped classifier's outputs on it, computed once."""
+    torch.manual_seed(0)
+    train, _ = load("fashion_mnist", "train", limit=6000)
+    test, test_labels = load("fashion_mnist", "test", limit=2000)
+    classifier = metrics.load_classifier()
+    train_feats = metrics.extract_features(train)
+    test_feats, test_probs = metrics.classifier_outputs(test, classifier)
+    return dict(train=train, test=test, test_labels=test_labels, classifier=classifier,
+                train_feats=train_feats, test_feats=test_feats, test_probs=test_probs)
+
+
+def test_shipped_classifier(fashion):
+    c = fashion["classifier"]
+    assert c.meta["test_accuracy"] > 0.9 and "train_classifier.py" in c.meta["recipe"]
+    acc = metrics.classifier_accuracy(fashion["test"][:500], fashion["test_labels"][:500], c)
+    assert acc > 0.88
+    assert fashion["test_feats"].shape == (2000, c.config["feature_dim"])
+    # the test split is balanced: predicted classes are close to uniform, and the classifier is sure
+    stats = metrics.class_histogram_entropy(fashion["test"][:1000], c)
+    assert stats["counts"].sum() == 1000 and stats["histogram"].sum() == pytest.approx(1.0)
+    assert math.log(10) - 0.05 < stats["entropy"] <= math.log(10)
+    assert stats["confidence"] > 0.85
+    # one class only: entropy 0
+    one = fashion["test"][fashion["test_labels"] == 1][:50]
+    assert metrics.class_histogram_entropy(one, c)["entropy"] < 0.2
+
+
+def test_damaged_images_score_worse_than_held_out_images(fashion):
+    ref, test = fashion["train_feats"], fashion["test"][:500]
+    held_out = metrics.frechet_distance(ref, fashion["test_feats"][:500])
+    blurred = metrics.frechet_distance(ref, metrics.extract_features(F.avg_pool2d(test, 3, 1, 1)))
+    shifted = metrics.frechet_distance(ref, metrics.extract_features(test.roll(4, dims=3)))
+    noisy = metrics.frechet_distance(ref, metrics.extract_features(test + 0.3 * torch.randn_like(test)))
+    assert blurred > 2 * held_out and shifted > 2 * held_out and noisy > 2 * held_out
+    kid_held_out = metrics.kid(ref, fashion["test_feats"][:500], subsets=10, subset_size=500)
+    kid_blurred = metrics.kid(ref, metrics.extract_features(F.avg_pool2d(test, 3, 1, 1)), subsets=10, subset_size=500)
+    assert kid_blurred.mean > kid_held_out.mean + 3 * kid_blurred.std
+
+
+def test_real_images_approach_the_floor_as_n_grows(fashion):
+    """The Frechet distance is biased upwards at small N: real held-out images against the
+    training features score lower with more images."""
+    ref, test = fashion["train_feats"], fashion["test_feats"]
+    scores = [metrics.frechet_distance(ref, test[:n]) for n in (100, 500, 2000)]
+    assert scores[0] > scores[1] > scores[2] > 0
+
+
+def test_evaluate(fashion):
+    test = fashion["test"]
+    real = metrics.evaluate(test[:300], real_features=fashion["train_feats"], kid_subsets=5, kid_subset_size=300)
+    assert set(real) >= {"fid", "kid", "kid_std", "precision", "recall", "entropy", "confidence", "n", "n_real"}
+    assert real["n"] == 300 and real["n_real"] == 6000
+    assert real["fid"] == pytest.approx(metrics.frechet_distance(fashion["train_feats"], fashion["test_feats"][:300]))
+    assert real["precision"] > 0.6 and real["recall"] > 0.6 and real["entropy"] > 2.2
+    blurred = metrics.evaluate(F.avg_pool2d(test[:300], 3, 1, 1), real=fashion["train"][:3000],
+                               kid_subsets=5, kid_subset_size=300)
+    assert blurred["fid"] > real["fid"] and blurred["kid"] > real["kid"]
+    assert blurred["precision"] < real["precision"]
+    assert blurred["confidence"] < real["confidence"]
+    no_classes = metrics.evaluate(test[:50], real=test[50:100], classifier=False, kid_subsets=2)
+    assert no_classes["entropy"] is None
+
+
+def test_nearest_training_image_is_itself(fashion):
+    train = fashion["train"]
+    nn = metrics.nearest_neighbours(train[[0, 2500, 5999]], train, k=2, train_features=fashion["train_feats"],
+                                     chunk_size=1000)
+    assert nn["indices"][:, 0].tolist() == [0, 2500, 5999]
+    assert torch.all(nn["distances"][:, 0] == 0) and torch.all(nn["distances"][:, 1] > 0)
+    assert nn["feature_indices"][:, 0].tolist() == [0, 2500, 5999]
+    held_out = metrics.nearest_neighbours(fashion["test"][:20], train)
+    assert torch.all(held_out["distances"] > 0)
