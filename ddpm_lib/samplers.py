@@ -8,9 +8,15 @@ schedule, same shape, a different way of walking back from t = T-1 to data.
 * :func:`ddpm_sample`: ancestral sampling, Algorithm 2 of Ho et al. (2020), T steps.
 * :func:`ddim_sample`: DDIM (Song et al. 2021), any subsequence of timesteps, eta from
   0 (deterministic) to 1 (DDPM-like).
+* :func:`dpm_solver_sample`: DPM-Solver++(2M) (Lu et al. 2022), a second-order multistep
+  solver of the same ODE as DDIM with eta = 0: good samples in 10 to 20 network calls.
+
+And one wrapper that turns a class-conditional network into a model function for any of
+them: :func:`guided_model`, classifier-free guidance (Ho & Salimans 2022).
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -156,3 +162,186 @@ def ddim_sample(model, schedule, shape, *, steps: int = 50, eta: float = 0.0, cl
         if sigma > 0:
             x = x + sigma * torch.randn(x.shape, generator=generator, device=x.device)
     return (x, trajectory.stack()) if trajectory is not None else x
+
+
+# ----------------------------------------------------------------------------------------
+# DPM-Solver++(2M)
+# ----------------------------------------------------------------------------------------
+def logsnr_timesteps(schedule, steps: int) -> list[int]:
+    """``steps`` timesteps from T-1 down to 0 spaced evenly in lambda = log(alpha/sigma)
+    (half the log-SNR) instead of in t, each rounded to the nearest discrete timestep.
+
+    The spacing Lu et al. (2022) recommend for low-resolution images; pass it to
+    :func:`dpm_solver_sample` or :func:`ddim_sample` as ``timesteps=``. Where rounding would
+    merge neighbours (lambda changes faster than the integer grid), they are pushed apart
+    to the next free timestep, so the list holds exactly ``steps`` distinct timesteps,
+    descending, from T-1 to 0.
+    """
+    T = schedule.T
+    if not isinstance(steps, int) or not 1 <= steps <= T:
+        raise ValueError(f"steps must be an integer in 1..{T} (the schedule's T), got {steps!r}")
+    if steps == 1:
+        return [T - 1]
+    lam = _lambdas(schedule)                      # (T,) float64, decreasing in t
+    targets = torch.linspace(float(lam[-1]), float(lam[0]), steps, dtype=torch.float64)
+    ts = (lam[None, :] - targets[:, None]).abs().argmin(dim=1).tolist()   # T-1 ... 0, non-increasing
+    for i in range(steps - 2, -1, -1):            # strictly decreasing: push merged ones up ...
+        ts[i] = max(ts[i], ts[i + 1] + 1)
+    if ts[0] > T - 1:                             # ... and, if that overshot T-1, back down
+        ts[0] = T - 1
+        for i in range(1, steps):
+            ts[i] = min(ts[i], ts[i - 1] - 1)
+    return ts
+
+
+def _lambdas(schedule) -> Tensor:
+    """lambda_t = log(alpha_t / sigma_t) = 0.5 log(alpha_bar / (1 - alpha_bar)), float64 (T,)."""
+    ab = schedule.float64("alpha_bars")
+    return 0.5 * (torch.log(ab) - torch.log1p(-ab))
+
+
+def _check_timesteps(timesteps, T: int) -> list[int]:
+    timesteps = [int(t) for t in timesteps]
+    if not timesteps or any(b >= a for a, b in zip(timesteps, timesteps[1:])) \
+            or timesteps[0] > T - 1 or timesteps[-1] < 0:
+        raise ValueError(f"timesteps must be strictly decreasing within 0..{T - 1}")
+    return timesteps
+
+
+@torch.no_grad()
+def dpm_solver_sample(model, schedule, shape, *, steps: int = 20, order: int = 2,
+                      spacing: str = "logsnr", clip_x0: bool = True, generator: torch.Generator | None = None,
+                      return_trajectory: bool = False, timesteps: list[int] | None = None,
+                      x_T: Tensor | None = None, device=None, progress: bool = False):
+    """DPM-Solver++(2M) (Lu et al. 2022, "DPM-Solver++", Algorithm 2): the deterministic
+    sampling ODE solved with a second-order multistep method in the data-prediction form.
+
+    Write ``alpha_t = sqrt(alpha_bar_t)``, ``sigma_t = sqrt(1 - alpha_bar_t)`` and
+    ``lambda_t = log(alpha_t / sigma_t)``. The network's eps gives the predicted clean image
+    ``x0_hat = (x_t - sigma_t eps) / alpha_t``. From timestep s to the next one, t, with
+    ``h = lambda_t - lambda_s > 0``::
+
+        x_t = (sigma_t / sigma_s) x_s - alpha_t (exp(-h) - 1) D
+        D   = x0_hat(s)                                               (first order: DDIM, eta = 0)
+        D   = (1 + 1/(2r)) x0_hat(s) - 1/(2r) x0_hat(s_prev)          (second order, "2M")
+        r   = h_prev / h,  h_prev = lambda_s - lambda_{s_prev}
+
+    The second-order ``D`` reuses the x0_hat of the step before (``s_prev``), so each step
+    still costs one network call. The first step has no previous x0_hat and is first order.
+
+    Timesteps: ``steps`` of them from T-1 down to 0, spaced evenly in lambda
+    (``spacing="logsnr"``, :func:`logsnr_timesteps`, the default, as Lu et al. recommend for
+    small images) or in t (``spacing="time"``, :func:`ddim_timesteps`, DDIM's default grid);
+    ``timesteps=`` (descending) overrides both. Why lambda: the 2M weights depend on the
+    ratio r of consecutive steps in lambda, and on the even-in-t grid lambda jumps near t = 0
+    (r ~ 0.2 at 10 steps on the linear schedule), so the 2M extrapolation overshoots there;
+    with data N(0.3, 0.5^2) and its exact eps, 10 steps give std 0.69 on the t-grid and 0.516
+    on the lambda-grid (DDIM: 0.36 and 0.38). With any grid, ``order=1`` is DDIM with eta = 0
+    on the same timesteps.
+
+    The network is called once at each timestep, from T-1 down to 0 (``steps`` calls in
+    all), and the last step goes from timestep 0 to clean data (alpha_bar = 1, sigma = 0,
+    lambda = +inf): there ``exp(-h) = 0`` and the update returns ``x0_hat`` at timestep 0,
+    as DDIM does with alpha_bar_prev = 1. That last step is first order (r = 0 would make
+    the 2M weights infinite).
+
+    ``order``: 1 or 2. ``clip_x0`` clips each x0_hat to [-1, 1] (use ``False`` for data that
+    is not in [-1, 1], e.g. latents). The sampler draws no noise: ``generator`` only draws
+    x_T when it is not given. Returns x_0 of ``shape`` (float32), or ``(x_0, Trajectory)``
+    with ``return_trajectory`` (x_t and x0_hat at each network call).
+    """
+    if order not in (1, 2):
+        raise ValueError(f"order must be 1 or 2, got {order!r}")
+    if spacing not in ("logsnr", "time"):
+        raise ValueError(f"spacing must be 'logsnr' or 'time', got {spacing!r}")
+    if timesteps is not None:
+        timesteps = _check_timesteps(timesteps, schedule.T)
+    elif spacing == "time":
+        timesteps = ddim_timesteps(schedule.T, steps)
+    else:
+        timesteps = logsnr_timesteps(schedule, steps)
+    schedule, x = _start(schedule, shape, x_T, generator, device)
+    # per-step coefficients as Python floats, computed in float64 (any device, MPS included)
+    ab = schedule.float64("alpha_bars")
+    alpha = [math.sqrt(ab[t]) for t in timesteps]
+    sigma = [math.sqrt(1.0 - ab[t]) for t in timesteps]
+    lam = [math.log(a / s) for a, s in zip(alpha, sigma)]
+    trajectory = Trajectory() if return_trajectory else None
+    x0_prev = None
+    for i, t in enumerate(tqdm(timesteps, desc=f"DPM-Solver++({order}M)", disable=not progress)):
+        t_batch = torch.full((x.shape[0],), t, device=x.device, dtype=torch.long)
+        _, x0 = _denoise(model, schedule, x, t_batch, clip_x0)
+        if trajectory is not None:
+            trajectory.add(t, x, x0)
+        if i + 1 == len(timesteps):      # timestep 0 -> clean data: sigma = 0, exp(-h) = 0
+            x = x0
+            break
+        h = lam[i + 1] - lam[i]
+        if order == 1 or x0_prev is None:
+            D = x0
+        else:
+            r = (lam[i] - lam[i - 1]) / h
+            D = (1.0 + 0.5 / r) * x0 - (0.5 / r) * x0_prev
+        x = (sigma[i + 1] / sigma[i]) * x - alpha[i + 1] * math.expm1(-h) * D
+        x0_prev = x0
+    return (x, trajectory.stack()) if trajectory is not None else x
+
+
+# ----------------------------------------------------------------------------------------
+# Classifier-free guidance
+# ----------------------------------------------------------------------------------------
+def guided_model(model, y, w: float, null_class: int | None = None):
+    """Classifier-free guidance (Ho & Salimans 2022): a model function ``(x_t, t) -> eps``
+    for any sampler, from a class-conditional network ``model(x_t, t, y)``::
+
+        eps = eps_uncond + w * (eps_cond - eps_uncond) = (1 - w) eps_uncond + w eps_cond
+        eps_cond = model(x_t, t, y),   eps_uncond = model(x_t, t, null_class)
+
+    ``w = 0`` is the unconditional model, ``w = 1`` the conditional one, ``w > 1`` pushes the
+    samples further towards what distinguishes class y (sharper, less varied). The paper
+    writes ``(1 + w') eps_cond - w' eps_uncond``: its ``w'`` is this ``w - 1`` (so its
+    w' = 0 is our w = 1, plain conditional sampling).
+
+    ``y``: the class of each image, an int (the same for the whole batch) or a (B,) integer
+    tensor. ``null_class``: the label meaning "no class", by default ``model.num_classes``
+    (the learned null label of :class:`ddpm_lib.unet.UNet`, trained with ``label_dropout``).
+    For ``0 < w != 1`` both predictions come from ONE call on a batch of 2B
+    (``[x_t, x_t]`` with labels ``[y, null]``); ``w = 0`` and ``w = 1`` need only one of them
+    and make a single call of batch B, so they return exactly that prediction.
+    Shapes: x_t (B, C, H, W), t (B,), returns eps (B, C, H, W).
+    """
+    w = float(w)
+    if not math.isfinite(w) or w < 0:
+        raise ValueError(f"the guidance weight w must be finite and >= 0, got {w}")
+    if null_class is None:
+        null_class = getattr(model, "num_classes", None)
+        if null_class is None:
+            raise ValueError("the model has no num_classes (it is unconditional); pass null_class= "
+                             "for a conditional model function, or use the model unguided")
+    null_class = int(null_class)
+
+    def labels(value, batch_size, device):
+        value = torch.as_tensor(value, device=device)
+        if value.is_floating_point():
+            raise ValueError("class labels y must be integers")
+        if value.ndim == 0:
+            value = value.expand(batch_size)
+        if value.shape != (batch_size,):
+            raise ValueError(f"y must be an int or have shape ({batch_size},), got {tuple(value.shape)}")
+        return value.long()
+
+    def eps_model(x_t: Tensor, t: Tensor) -> Tensor:
+        B = x_t.shape[0]
+        t = torch.as_tensor(t, device=x_t.device)
+        t = t.expand(B) if t.ndim == 0 else t
+        y_cond = labels(y, B, x_t.device)
+        y_null = torch.full_like(y_cond, null_class)
+        if w == 0.0:
+            return model(x_t, t, y_null)
+        if w == 1.0:
+            return model(x_t, t, y_cond)
+        eps_cond, eps_uncond = model(torch.cat([x_t, x_t]), torch.cat([t, t]),
+                                     torch.cat([y_cond, y_null])).chunk(2)
+        return (1.0 - w) * eps_uncond + w * eps_cond
+
+    return eps_model

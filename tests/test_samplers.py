@@ -119,3 +119,271 @@ def test_ddpm_adds_noise_of_the_chosen_variance(sigma):
     z = torch.randn(shape, generator=torch.Generator().manual_seed(7))
     var = {"beta": 0.2, "beta_tilde": (1 - 0.9) / (1 - 0.9 * 0.8) * 0.2}[sigma]
     assert torch.allclose(x, math.sqrt(var) * z / math.sqrt(0.9), atol=1e-6)
+
+
+# ----------------------------------------------------------------------------------------
+# Independent float64 re-derivations: DDIM (Song et al. 2021, eq. 12) and
+# DPM-Solver++(2M) (Lu et al. 2022, Algorithm 2), written from alpha_bar alone
+# ----------------------------------------------------------------------------------------
+from ddpm_lib.samplers import dpm_solver_sample, guided_model, logsnr_timesteps  # noqa: E402
+
+
+def close(got, want, tol=1e-5):
+    """Agreement to float32 precision relative to the size of the values."""
+    want = want.double()
+    return (got.double() - want).abs().max().item() <= tol * max(1.0, want.abs().max().item())
+
+
+def wavy_eps(x, t):
+    """A made-up noise predictor that depends on x_t and t (works in float32 and float64)."""
+    return torch.tanh(x) * (0.5 + t.to(x.dtype)[:, None, None, None] / 1000) + 0.1 * torch.sin(3 * x)
+
+
+def ddim_reference(model, alpha_bars, timesteps, x_T, eta=0.0, noises=None):
+    """DDIM in float64 from eq. 12 of Song et al. (2021); returns every x visited and the output."""
+    ab = alpha_bars.double()
+    x, xs = x_T.double(), []
+    for i, t in enumerate(timesteps):
+        xs.append(x)
+        a = ab[t]
+        a_prev = ab[timesteps[i + 1]] if i + 1 < len(timesteps) else torch.tensor(1.0, dtype=torch.float64)
+        eps = model(x, torch.full((x.shape[0],), t))
+        x0 = (x - torch.sqrt(1 - a) * eps) / torch.sqrt(a)
+        sigma = eta * torch.sqrt((1 - a_prev) / (1 - a)) * torch.sqrt(1 - a / a_prev)
+        x = torch.sqrt(a_prev) * x0 + torch.sqrt(1 - a_prev - sigma ** 2) * eps
+        if sigma > 0:
+            x = x + sigma * noises.pop(0)
+    return xs, x
+
+
+@pytest.mark.parametrize("eta", [0.0, 0.5])
+def test_ddim_matches_float64_reference_over_several_steps(linear, eta):
+    x_T = torch.randn(4, 1, 3, 3, generator=torch.Generator().manual_seed(0))
+    for timesteps in ([999, 500], [999, 750, 500, 250, 100, 20, 0]):
+        # the sampler draws its noise (for eta > 0) from this generator, in step order
+        g = torch.Generator().manual_seed(1)
+        noises = [torch.randn(x_T.shape, generator=g).double() for _ in timesteps[:-1]]
+        x, traj = ddim_sample(wavy_eps, linear, x_T.shape, timesteps=timesteps, eta=eta, clip_x0=False,
+                              x_T=x_T, return_trajectory=True, generator=torch.Generator().manual_seed(1))
+        xs, x_ref = ddim_reference(wavy_eps, linear.float64("alpha_bars"), timesteps, x_T, eta, noises)
+        for got, want in zip(traj.x_t, xs):
+            assert close(got, want)
+        assert close(x, x_ref)
+
+
+def dpm_solver_2m_reference(model, alpha_bars, timesteps, x_T):
+    """DPM-Solver++(2M) in float64, written in the 'integral' form of Lu et al. (2022):
+
+        x_t = (sigma_t / sigma_s) x_s + alpha_t (1 - e^{-h}) (x0_s + h/2 * (x0_s - x0_prev) / h_prev)
+
+    i.e. the exact solution of the ODE with x0_hat taken linear in lambda, whose slope
+    (x0_s - x0_prev) / h_prev is weighted by h/2 (their phi_2 ~ phi_1 / 2). The first step
+    has no slope, the last (to clean data) returns x0_hat."""
+    ab = alpha_bars.double()
+    alpha, sigma = ab.sqrt(), (1 - ab).sqrt()
+    lam = torch.log(alpha / sigma)
+    x, xs, x0_prev = x_T.double(), [], None
+    for i, t in enumerate(timesteps):
+        xs.append(x)
+        eps = model(x, torch.full((x.shape[0],), t))
+        x0 = (x - sigma[t] * eps) / alpha[t]
+        if i + 1 == len(timesteps):
+            return xs, x0
+        s, u = t, timesteps[i + 1]
+        h = lam[u] - lam[s]
+        slope = 0 if x0_prev is None else (x0 - x0_prev) / (lam[s] - lam[timesteps[i - 1]])
+        x = sigma[u] / sigma[s] * x + alpha[u] * (1 - torch.exp(-h)) * (x0 + h / 2 * slope)
+        x0_prev = x0
+
+
+@pytest.mark.parametrize("kind", ["linear", "cosine"])
+def test_dpm_solver_2m_matches_float64_reference(kind):
+    sched = getattr(NoiseSchedule, kind)()
+    x_T = torch.randn(4, 1, 3, 3, generator=torch.Generator().manual_seed(0))
+    for timesteps in ([999, 700, 400], [999, 700, 400, 0], logsnr_timesteps(sched, 12)):
+        x, traj = dpm_solver_sample(wavy_eps, sched, x_T.shape, timesteps=timesteps, clip_x0=False, x_T=x_T,
+                                    return_trajectory=True)
+        xs, x_ref = dpm_solver_2m_reference(wavy_eps, sched.float64("alpha_bars"), timesteps, x_T)
+        assert len(xs) == len(traj.x_t) == len(timesteps)
+        for got, want in zip(traj.x_t, xs):   # xs[2] is the first second-order step
+            assert close(got, want)
+        assert close(x, x_ref)
+
+
+@pytest.mark.parametrize("clip_x0", [False, True])
+def test_dpm_solver_order1_is_ddim_eta0(linear, clip_x0):
+    x_T = 1.5 * torch.randn(6, 1, 4, 4, generator=torch.Generator().manual_seed(3))
+    for timesteps in (ddim_timesteps(1000, 10), logsnr_timesteps(linear, 7), [999, 3, 0], [999]):
+        a = dpm_solver_sample(wavy_eps, linear, x_T.shape, timesteps=timesteps, order=1, clip_x0=clip_x0, x_T=x_T)
+        b = ddim_sample(wavy_eps, linear, x_T.shape, timesteps=timesteps, eta=0.0, clip_x0=clip_x0, x_T=x_T)
+        assert torch.allclose(a, b, rtol=1e-5, atol=1e-5)
+    # spacing="time" with `steps` is DDIM's default grid
+    a = dpm_solver_sample(wavy_eps, linear, x_T.shape, steps=15, spacing="time", order=1, clip_x0=clip_x0, x_T=x_T)
+    b = ddim_sample(wavy_eps, linear, x_T.shape, steps=15, clip_x0=clip_x0, x_T=x_T)
+    assert torch.allclose(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_logsnr_timesteps(linear):
+    lam = 0.5 * torch.log(linear.float64("alpha_bars") / (1 - linear.float64("alpha_bars")))
+    for sched in (linear, NoiseSchedule.cosine(), NoiseSchedule.linear(T=10)):
+        for steps in sorted({1, 2, 5, min(20, sched.T), sched.T}):
+            ts = logsnr_timesteps(sched, steps)
+            assert len(ts) == steps and ts[0] == sched.T - 1 and (steps == 1 or ts[-1] == 0)
+            assert all(a > b for a, b in zip(ts, ts[1:]))
+    gaps = lam[logsnr_timesteps(linear, 20)].diff()        # even in lambda, up to rounding to integer t
+    even = (lam[0] - lam[-1]) / 19
+    assert ((gaps[:-3] - even).abs() < 0.05 * even).all()  # (near t = 0 one step of t moves lambda by 0.4)
+    assert ((gaps - even).abs() < 0.3 * even).all()
+    assert logsnr_timesteps(linear, 1000) == list(range(999, -1, -1))
+
+
+# ----------------------------------------------------------------------------------------
+# DPM-Solver++(2M) with the exact predictor of Gaussian data
+# ----------------------------------------------------------------------------------------
+def exact_ode_solution(sched, x_T, mu=MU, s=S):
+    """The deterministic (probability-flow) ODE for data N(mu, s^2) keeps the standardised
+    value z = (x_t - alpha_t mu) / sqrt(alpha_t^2 s^2 + sigma_t^2) fixed: x at timestep 0 in
+    closed form, then the samplers' last step x0_hat(x_0, 0). Float64."""
+    ab = sched.float64("alpha_bars")
+    a0, aT = ab[0], ab[-1]
+    z = (x_T.double() - aT.sqrt() * mu) / (aT * s ** 2 + 1 - aT).sqrt()
+    x = a0.sqrt() * mu + (a0 * s ** 2 + 1 - a0).sqrt() * z
+    eps = (1 - a0).sqrt() * (x - a0.sqrt() * mu) / (a0 * s ** 2 + 1 - a0)
+    return (x - (1 - a0).sqrt() * eps) / a0.sqrt()
+
+
+@pytest.mark.parametrize("kind", ["linear", "cosine"])
+def test_dpm_solver_reproduces_gaussian_data_in_few_steps(kind):
+    """Measured (linear / cosine): std 0.516 / 0.494 at 10 steps, 0.507 / 0.515 at 20, for s = 0.5;
+    DDIM on the same grid: 0.38 / 0.33 and 0.44 / 0.41."""
+    sched = getattr(NoiseSchedule, kind)()
+    model = gaussian_eps_predictor(sched, MU, S)
+    for steps, tol in ((10, 0.06), (20, 0.05)):
+        x_T = torch.randn(SHAPE, generator=torch.Generator().manual_seed(steps))
+        x = dpm_solver_sample(model, sched, SHAPE, steps=steps, clip_x0=False, x_T=x_T)
+        check_moments(x, std_tol=tol)
+        y = ddim_sample(model, sched, SHAPE, timesteps=logsnr_timesteps(sched, steps), clip_x0=False, x_T=x_T)
+        assert abs(x.std().item() - S) < abs(y.std().item() - S) / 3
+
+
+def test_dpm_solver_converges_at_second_order(linear):
+    """Error against the exact ODE solution: 2M falls ~4x per doubling of the steps, DDIM ~2x.
+
+    Measured max errors (logSNR grid, linear schedule), steps 10 / 20 / 40:
+    DDIM 0.35 / 0.18 / 0.090, DPM-Solver++(2M) 0.048 / 0.022 / 0.0058."""
+    model = gaussian_eps_predictor(linear, MU, S)
+    x_T = torch.linspace(-3, 3, 101).reshape(1, 1, 1, 101)
+    exact = exact_ode_solution(linear, x_T)
+    err = {}
+    for steps in (10, 20, 40, 1000):
+        ts = logsnr_timesteps(linear, steps)
+        err["2M", steps] = (dpm_solver_sample(model, linear, x_T.shape, timesteps=ts, clip_x0=False, x_T=x_T)
+                            .double() - exact).abs().max().item()
+        err["DDIM", steps] = (ddim_sample(model, linear, x_T.shape, timesteps=ts, clip_x0=False, x_T=x_T)
+                              .double() - exact).abs().max().item()
+    assert err["2M", 1000] < 1e-3                     # the 1000-step solution is the ODE's
+    for steps in (10, 20, 40):
+        assert err["2M", steps] < err["DDIM", steps] / 5
+    assert err["2M", 20] / err["2M", 40] > 3.0        # second order: x4 per doubling (asymptotically)
+    assert 1.7 < err["DDIM", 20] / err["DDIM", 40] < 2.5   # first order: x2
+    assert 1.7 < err["DDIM", 10] / err["DDIM", 20] < 2.5
+
+
+def test_dpm_solver_basics(linear):
+    model = gaussian_eps_predictor(linear, MU, S)
+    x, traj = dpm_solver_sample(model, linear, (2, 1, 3, 3), steps=10, return_trajectory=True,
+                                generator=torch.Generator().manual_seed(0))
+    assert traj.t == logsnr_timesteps(linear, 10) and traj.x_t.shape == (10, 2, 1, 3, 3)
+    assert torch.equal(traj.x0_hat[-1], x)            # the last step returns x0_hat at t = 0
+    y = dpm_solver_sample(model, linear, (2, 1, 3, 3), steps=10, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(x, y)                           # deterministic given x_T
+    big = lambda x, t: -10 * torch.ones_like(x)  # noqa: E731
+    assert dpm_solver_sample(big, linear, (2, 1, 2, 2), steps=5).abs().max().item() <= 1.0 + 1e-5
+    with pytest.raises(ValueError, match="order"):
+        dpm_solver_sample(model, linear, (1, 1, 2, 2), order=3)
+    with pytest.raises(ValueError, match="spacing"):
+        dpm_solver_sample(model, linear, (1, 1, 2, 2), spacing="karras")
+    with pytest.raises(ValueError, match="steps"):
+        dpm_solver_sample(model, linear, (1, 1, 2, 2), steps=0)
+    with pytest.raises(ValueError, match="decreasing"):
+        dpm_solver_sample(model, linear, (1, 1, 2, 2), timesteps=[3, 5])
+
+
+# ----------------------------------------------------------------------------------------
+# Classifier-free guidance
+# ----------------------------------------------------------------------------------------
+class LabelledModel(torch.nn.Module):
+    """eps = 0.5 x + y + t/1000: each label shifts eps by a known amount; counts its calls."""
+    num_classes = 3
+
+    def __init__(self):
+        super().__init__()
+        self.batch_sizes = []
+
+    def forward(self, x, t, y):
+        self.batch_sizes.append(x.shape[0])
+        return 0.5 * x + y.float()[:, None, None, None] + t.float()[:, None, None, None] / 1000
+
+
+def test_guided_model_formula():
+    model = LabelledModel()
+    x = torch.randn(4, 1, 2, 2, generator=torch.Generator().manual_seed(0))
+    t = torch.tensor([10, 500, 900, 999])
+    y = torch.tensor([0, 1, 2, 1])
+    cond, null = model(x, t, y), model(x, t, torch.full_like(y, 3))
+    for w in (0.0, 0.5, 1.0, 2.0, 7.5):
+        model.batch_sizes.clear()
+        eps = guided_model(model, y, w)(x, t)
+        assert torch.allclose(eps, null + w * (cond - null), atol=1e-5)
+        assert model.batch_sizes == ([4] if w in (0.0, 1.0) else [8])   # one call; 2B rows when guiding
+    assert torch.equal(guided_model(model, y, 0.0)(x, t), null)         # w = 0: unconditional, exactly
+    assert torch.equal(guided_model(model, y, 1.0)(x, t), cond)         # w = 1: conditional, exactly
+    # an int label is the same for the whole batch; null_class can be given explicitly
+    assert torch.equal(guided_model(model, 2, 3.0)(x, t), guided_model(model, torch.full((4,), 2), 3.0)(x, t))
+    assert torch.allclose(guided_model(model, y, 2.0, null_class=0)(x, t),
+                          model(x, t, torch.zeros_like(y)) + 2 * (cond - model(x, t, torch.zeros_like(y))))
+
+
+def tiny_conditional_unet():
+    from ddpm_lib.unet import UNet
+    torch.manual_seed(0)
+    return UNet(in_channels=1, base_channels=16, channel_mults=(1, 2), num_res_blocks=1,
+                attention_resolutions=(4,), dropout=0.0, num_classes=3, image_size=8).eval()
+
+
+def test_guided_unet_batched_call_equals_two_calls():
+    net = tiny_conditional_unet()
+    x = torch.randn(3, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    t, y = torch.tensor([5, 400, 999]), torch.tensor([0, 2, 1])
+    with torch.no_grad():
+        cond, null = net(x, t, y), net(x, t, torch.full_like(y, 3))
+        assert torch.equal(guided_model(net, y, 0)(x, t), null)
+        assert torch.equal(guided_model(net, y, 1)(x, t), cond)
+        assert torch.allclose(guided_model(net, y, 3.0)(x, t), -2 * null + 3 * cond, atol=1e-5)
+
+
+def test_guided_model_works_with_every_sampler():
+    net = tiny_conditional_unet()
+    sched = NoiseSchedule.linear(T=20, beta_start=1e-3, beta_end=0.2)
+    shape = (2, 1, 8, 8)
+    unconditional = lambda x, t: net(x, t, torch.full_like(t, 3))  # noqa: E731
+    for sample, kw in ((ddpm_sample, {}), (ddim_sample, {"steps": 5}), (dpm_solver_sample, {"steps": 5})):
+        out = sample(guided_model(net, torch.tensor([0, 1]), 2.0), sched, shape,
+                     generator=torch.Generator().manual_seed(0), **kw)
+        assert out.shape == shape and torch.isfinite(out).all()
+        a = sample(guided_model(net, 1, 0.0), sched, shape, generator=torch.Generator().manual_seed(1), **kw)
+        b = sample(unconditional, sched, shape, generator=torch.Generator().manual_seed(1), **kw)
+        assert torch.equal(a, b)                        # w = 0 samples the unconditional model
+
+
+def test_guided_model_arguments():
+    model = LabelledModel()
+    x, t = torch.zeros(2, 1, 2, 2), torch.tensor([1, 2])
+    with pytest.raises(ValueError, match="unconditional"):
+        guided_model(lambda x, t, y: x, 0, 2.0)
+    with pytest.raises(ValueError, match="w must"):
+        guided_model(model, 0, -1.0)
+    with pytest.raises(ValueError, match="shape"):
+        guided_model(model, torch.tensor([0, 1, 2]), 2.0)(x, t)
+    with pytest.raises(ValueError, match="integers"):
+        guided_model(model, 0.5, 2.0)(x, t)
