@@ -75,6 +75,21 @@ MUTATIONS = [
      "torch.cat([torch.sin(angles), torch.sin(angles)], dim=1)"),
     ("training resume: RNG state not restored", "ddpm_lib/train.py",
      "        _set_rng_state(state[\"rng\"], gen_cpu, gen_device)\n", "\n"),
+    ("DPM-Solver++(2M): 1/(2r) -> 1/r in the second-order combination", "ddpm_lib/samplers.py",
+     "D = (1.0 + 0.5 / r) * x0 - (0.5 / r) * x0_prev",
+     "D = (1.0 + 1.0 / r) * x0 - (1.0 / r) * x0_prev"),
+    ("DPM-Solver++: expm1(-h) -> expm1(h)", "ddpm_lib/samplers.py",
+     "x = (sigma[i + 1] / sigma[i]) * x - alpha[i + 1] * math.expm1(-h) * D",
+     "x = (sigma[i + 1] / sigma[i]) * x - alpha[i + 1] * math.expm1(h) * D"),
+    ("Frechet distance: drop the 2 in the trace term", "ddpm_lib/metrics.py",
+     "- 2.0 * trace_sqrt_product(sigma1, sigma2)",
+     "- trace_sqrt_product(sigma1, sigma2)"),
+    ("guidance: swap the conditional and unconditional predictions", "ddpm_lib/samplers.py",
+     "return (1.0 - w) * eps_uncond + w * eps_cond",
+     "return (1.0 - w) * eps_cond + w * eps_uncond"),
+    ("KID: biased estimate (keep the diagonal)", "ddpm_lib/metrics.py",
+     "sum_xx = k_xx.sum() - k_xx.diagonal().sum()",
+     "sum_xx = k_xx.sum()"),
 ]
 
 
