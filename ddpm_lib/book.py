@@ -93,3 +93,32 @@ def setup(seed: int = 0, profile: str | None = None, device: str | None = None, 
         if profile == "gpu" and device.type != "cuda":
             print("WARNING: profile 'gpu' on a CPU will take a very long time; set DDPM_PROFILE=cpu.")
     return Setup(device=device, profile=profile, seed=seed)
+
+
+# The measured results that chapters plot (results/ in the repository). In Colab, where only
+# the package is installed, they are fetched from the repository once.
+RESULTS_URL = "https://raw.githubusercontent.com/ddpm-book/ddpm-book/main/results/"
+
+
+def result_path(name: str) -> Path:
+    """The path of ``results/<name>``: in the repository (from the working folder, its parent,
+    or beside the installed package), else downloaded from the repository into ./results."""
+    for root in (Path.cwd(), Path.cwd().parent, Path(__file__).resolve().parents[1]):
+        path = root / "results" / name
+        if path.is_file():
+            return path
+    target = Path("results") / name
+    try:
+        import urllib.request
+        target.parent.mkdir(exist_ok=True)
+        urllib.request.urlretrieve(RESULTS_URL + name, target)
+    except OSError as e:
+        raise FileNotFoundError(f"results/{name} is not in this checkout and could not be downloaded "
+                                f"from {RESULTS_URL + name} ({e}); clone the repository and run from it") from e
+    return target
+
+
+def load_result(name: str) -> dict:
+    """``results/<name>`` (a JSON file) as a dict; see :func:`result_path`."""
+    import json
+    return json.loads(result_path(name).read_text())

@@ -89,3 +89,12 @@ def test_checkpoint_dir(tmp_path, monkeypatch):
     assert local == tmp_path / "ckpts" and local.is_dir()      # no Drive mounted
     (tmp_path / "drive" / "MyDrive").mkdir(parents=True)
     assert book.checkpoint_dir("ddpm-book") == tmp_path / "drive" / "MyDrive" / "ddpm-book"
+
+
+def test_results_are_found_in_the_repository_or_fetched(tmp_path, monkeypatch):
+    from ddpm_lib import book
+    assert book.load_result("sweep_h200.json")["n"] == 2000          # the committed file
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(book, "RESULTS_URL", (tmp_path / "nowhere").as_uri() + "/")
+    with pytest.raises(FileNotFoundError, match="could not be downloaded"):
+        book.result_path("no_such_result.json")

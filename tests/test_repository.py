@@ -75,3 +75,12 @@ def test_readme_opens_every_chapter_in_colab():
     colab = URL.replace("https://github.com/", "https://colab.research.google.com/github/")
     for nb in CHAPTERS:
         assert f"({colab}/blob/main/chapters/{nb.name})" in readme, f"README has no Colab link for {nb.name}"
+
+
+def test_benchmarks_page_matches_the_results():
+    """benchmarks.md's tables are written from results/ by scripts/benchmarks_page.py."""
+    import subprocess
+    import sys
+    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "benchmarks_page.py"), "--check"],
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout + proc.stderr

@@ -1,0 +1,167 @@
+"""Write the tables of benchmarks.md from the measured results in results/.
+
+    python scripts/benchmarks_page.py          # rewrite the generated part of benchmarks.md
+    python scripts/benchmarks_page.py --check  # exit 1 if benchmarks.md is not up to date
+
+Everything between the markers ``<!-- generated -->`` and ``<!-- end generated -->`` comes
+from the files in results/ (written by ddpm_lib.bench and scripts/*.py); nothing is typed by
+hand, and tests/test_repository.py checks that the page matches the files.
+"""
+from __future__ import annotations
+
+import json
+import re
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+PAGE = ROOT / "benchmarks.md"
+RESULTS = ROOT / "results"
+BEGIN, END = "<!-- generated -->", "<!-- end generated -->"
+
+LINE = re.compile(r"^(?P<net>small|cifar)\s+(?P<variant>\S+ \S+(?: \S+)?)\s+(?P<params>[\d,]+) params\s+batch\s+(?P<batch>\d+)\s+"
+                  r"(?P<ips>[\d.]+) img/s\s+(?P<ms>[\d.]+) ms/step\s+(?P<eval>[\d.]+) ms/eval\s+(?P<mem>[\d.]+ GB|n/a)\s+"
+                  r"MFU\s+(?P<mfu>[\d.]+%|n/a)")
+
+
+def parse_log(path: Path) -> tuple[str, list[dict]]:
+    """The environment line and the throughput rows printed by ``python -m ddpm_lib.bench``."""
+    env, rows = "", []
+    for line in path.read_text().splitlines():
+        if line.startswith("date:"):
+            env = line.strip()
+        m = LINE.match(line.strip())
+        if m:
+            rows.append(dict(net=m["net"], variant=m["variant"].strip(), params=int(m["params"].replace(",", "")),
+                             batch=int(m["batch"]), images_per_s=float(m["ips"]), ms_per_step=float(m["ms"]),
+                             ms_per_eval=float(m["eval"]), memory=m["mem"], mfu=m["mfu"]))
+    return env, rows
+
+
+def throughput_table(rows: list[dict]) -> list[str]:
+    out = ["| network | variant | params | images/s | vs diffusers eager bf16 | ms per step | ms per network evaluation | peak memory | MFU |",
+           "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for r in rows:
+        base = next((b for b in rows if b["net"] == r["net"] and b["variant"] == "diffusers eager bf16"), None)
+        ratio = f"{r['images_per_s'] / base['images_per_s']:.2f}x" if base else "n/a"
+        out.append(f"| {r['net']} | {r['variant']} | {r['params']:,} | {r['images_per_s']:,.0f} | {ratio} | "
+                   f"{r['ms_per_step']:.1f} | {r['ms_per_eval']:.2f} | {r['memory']} | {r['mfu']} |")
+    return out
+
+
+def json_throughput_rows(result: dict) -> list[dict]:
+    rows = []
+    for r in result["throughput"]:
+        if "error" in r:
+            continue
+        rows.append(dict(net=r["net"], variant=r["variant"], params=r["params"], batch=r["batch"],
+                         images_per_s=r["images_per_s"], ms_per_step=r["ms_per_step"], ms_per_eval=r["ms_per_eval"],
+                         memory=f"{r['peak_memory_gb']:.2f} GB" if "peak_memory_gb" in r else "n/a",
+                         mfu=f"{100 * r['mfu']:.1f}%" if r.get("mfu") is not None else "n/a"))
+    return rows
+
+
+def cpu_table(rows: list[dict]) -> list[str]:
+    out = ["| network | variant | params | images/s | vs diffusers eager fp32 | ms per step | ms per network evaluation |",
+           "| --- | --- | ---: | ---: | ---: | ---: | ---: |"]
+    for r in rows:
+        base = next((b for b in rows if b["net"] == r["net"] and b["variant"] == "diffusers eager fp32"), None)
+        ratio = f"{r['images_per_s'] / base['images_per_s']:.2f}x" if base else "n/a"
+        out.append(f"| {r['net']} | {r['variant']} | {r['params']:,} | {r['images_per_s']:,.1f} | {ratio} | "
+                   f"{r['ms_per_step']:,.0f} | {r['ms_per_eval']:,.0f} |")
+    return out
+
+
+def score_row(name: str, s: dict, extra: str = "") -> str:
+    return (f"| {name} | {extra}{s['fid']:.2f} | {s['kid']:.2f} | {s['precision']:.3f} | {s['recall']:.3f} | "
+            f"{s['entropy']:.3f} | {s['confidence']:.3f} |")
+
+
+def generated() -> str:
+    lines = []
+    gpu_log = RESULTS / "bench_h200.log"
+    if gpu_log.exists():
+        env, rows = parse_log(gpu_log)
+        lines += ["### Training throughput on a GPU", "",
+                  f"`python -m ddpm_lib.bench --steps 30 --warmup 10`, batch 128. Measured {env.replace('date: ', 'on ').replace(' | ', ', ')}.", ""]
+        lines += throughput_table(rows)
+        nets = {r["net"] for r in rows if r["variant"] == "ddpm_lib fast"}
+        if "cifar" not in nets:
+            lines += ["", "The fast path of the CIFAR-size network has no row: that run reached the time limit of "
+                      "the session's GPU command while `torch.compile` was still compiling, and was not repeated."]
+        lines.append("")
+    cpu = RESULTS / "bench_cpu.json"
+    if cpu.exists():
+        result = json.loads(cpu.read_text())
+        env = result["environment"]
+        lines += ["### Training throughput on a CPU", "",
+                  f"`python -m ddpm_lib.bench --nets small --steps {result['steps']} --warmup {result['warmup']} "
+                  f"--batch-size 64` on a shared 2-core x86-64 machine, one torch thread "
+                  f"(torch {env['torch']}, diffusers {env['diffusers']}, {env['date']}). The machine was loaded by "
+                  "other jobs: read the ratios, not the absolute figures. The last column times the network "
+                  "alone, without compilation, so *eager bf16* and *fast* run the same computation there; "
+                  "the gap between them is the load changing between the two measurements.", ""]
+        lines += cpu_table(json_throughput_rows(result))
+        lines.append("")
+    sweep = RESULTS / "sweep_h200.json"
+    if sweep.exists():
+        s = json.loads(sweep.read_text())
+        header = ["| samples | FID-style | KID | precision | recall | class entropy | confidence |",
+                  "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+        lines += ["### Sample quality by sampler", "",
+                  f"`python scripts/sampler_sweep.py --n {s['n']} --ddpm` on an {s['device']} (torch {s['torch']}, "
+                  f"{s['date']}): {s['n']} samples of the shipped unconditional model per row, scored by "
+                  "`ddpm_lib.metrics.evaluate` against the 60,000 training images in the features of the "
+                  "shipped classifier (FID-style, not Inception FID). KID is in the same features (its raw "
+                  "value, not multiplied by 1000).", ""]
+        lines += header + [score_row(f"real test images (floor, N = {s['floor']['n']})", s["floor"])]
+        for r in s.get("samplers", []):
+            name = {"ddpm": "DDPM", "ddim": "DDIM", "dpm_solver": "DPM-Solver++(2M)"}[r["sampler"]]
+            lines.append(score_row(f"{name}, {r['nfe']} steps ({r['seconds']:.2f} s)", r))
+        if s.get("guidance"):
+            lines += ["", "### Classifier-free guidance", "",
+                      "The shipped class-conditional model, DPM-Solver++(2M) with 20 steps, "
+                      f"{s['n'] // 10} samples per class; accuracy is the shipped classifier's on the "
+                      "intended classes.", "",
+                      "| guidance weight w | accuracy | FID-style | KID | precision | recall | class entropy | confidence |",
+                      "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+            for r in s["guidance"]:
+                lines.append(score_row(f"{r['w']:g}", r, extra=f"{r['accuracy']:.3f} | "))
+        lines.append("")
+    lvp = RESULTS / "latent_vs_pixel_cpu.json"
+    if lvp.exists():
+        r = json.loads(lvp.read_text())
+        lines += ["### Latent vs pixel diffusion at equal training time", "",
+                  f"`python scripts/train_part3.py latent --only latent|pixel --threads 1 --budget {r['budget_s']:g}`, "
+                  "both at once on the shared 2-core CPU, one thread each.", "",
+                  "| model | parameters | steps in the budget | images/s | last logged loss |",
+                  "| --- | ---: | ---: | ---: | ---: |"]
+        for name in ("latent", "pixel"):
+            m = r[name]
+            loss = f"{m['final_loss']:.4f}" if m.get("final_loss") is not None else "n/a (fewer steps than one log)"
+            lines.append(f"| {name} | {m['params']:,} | {m['steps']:,} | {m['images_per_s']:.1f} | {loss} |")
+        lines.append("")
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def render(text: str) -> str:
+    if BEGIN not in text or END not in text:
+        raise SystemExit(f"{PAGE} lacks the markers {BEGIN} and {END}")
+    head, rest = text.split(BEGIN, 1)
+    _, tail = rest.split(END, 1)
+    return f"{head}{BEGIN}\n{generated()}{END}{tail}"
+
+
+def main() -> None:
+    text = PAGE.read_text()
+    new = render(text)
+    if "--check" in sys.argv:
+        if new != text:
+            raise SystemExit("benchmarks.md is out of date: run python scripts/benchmarks_page.py")
+        return
+    PAGE.write_text(new)
+    print(f"wrote {PAGE}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,139 @@
+"""Score samples of the shipped models for the Part III chapters; write one JSON.
+
+    python scripts/sampler_sweep.py --n 2000 --out results/sweep.json [--weights ddpm_lib/weights]
+
+* ``samplers``: the pretrained unconditional model with DDPM (1000 steps), DDIM (eta 0) and
+  DPM-Solver++(2M) at several numbers of network evaluations (NFE);
+* ``guidance``: the class-conditional model with classifier-free guidance at several w,
+  n/10 samples per class: accuracy of the shipped classifier on them, and the scores;
+* ``latent``: latent diffusion vs the pixel model trained for the same time;
+* ``floor``: real held-out images of the same count.
+
+Every score is :func:`ddpm_lib.metrics.evaluate` against the training set's features.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from ddpm_lib import autoencoder, metrics
+from ddpm_lib.pretrained import load_pretrained, load_weights
+from ddpm_lib.samplers import ddim_sample, ddpm_sample, dpm_solver_sample, guided_model
+
+
+def sample(model, schedule, n, sampler, nfe, device, batch, seed=0, clip_x0=True):
+    """n samples in batches, and the seconds it took."""
+    out = []
+    start = time.perf_counter()
+    for i in range(0, n, batch):
+        g = torch.Generator(device).manual_seed(seed + i)
+        shape = (min(batch, n - i), *shape_of(model))
+        if sampler == "ddpm":
+            x = ddpm_sample(model, schedule, shape, generator=g, device=device, clip_x0=clip_x0)
+        elif sampler == "ddim":
+            x = ddim_sample(model, schedule, shape, steps=nfe, generator=g, device=device, clip_x0=clip_x0)
+        else:
+            x = dpm_solver_sample(model, schedule, shape, steps=nfe, generator=g, device=device, clip_x0=clip_x0)
+        out.append(x.float().cpu())
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return torch.cat(out), time.perf_counter() - start
+
+
+def shape_of(model):
+    c = getattr(model, "config", {})
+    if "in_channels" in c:
+        return (c["in_channels"], c["image_size"], c["image_size"])
+    return model.sample_shape
+
+
+class Labelled(torch.nn.Module):
+    """A guided model function with the labels of the current batch set from outside."""
+
+    def __init__(self, model, w):
+        super().__init__()
+        self.model, self.w, self.y = model, w, None
+        self.config = model.config
+
+    def forward(self, x, t):
+        return guided_model(self.model, self.y[: x.shape[0]].to(x.device), self.w)(x, t)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--n", type=int, default=2000)
+    p.add_argument("--batch", type=int, default=1000)
+    p.add_argument("--weights", type=Path, default=Path("ddpm_lib/weights"))
+    p.add_argument("--out", type=Path, default=Path("results/sweep.json"))
+    p.add_argument("--nfe", default="5,10,20,50,100")
+    p.add_argument("--ddpm", action="store_true", help="also DDPM with all 1000 steps")
+    p.add_argument("--w", default="0,1,2,3,5")
+    p.add_argument("--parts", default="floor,samplers,guidance,latent")
+    p.add_argument("--device", default=None)
+    args = p.parse_args()
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    parts = args.parts.split(",")
+    ref = metrics.reference_features("fashion_mnist", "train")
+    result = dict(n=args.n, device=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+                  torch=torch.__version__, date=time.strftime("%Y-%m-%d"))
+
+    def save():
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(result, indent=1))
+
+    def score(x):
+        return metrics.evaluate(x, real_features=ref)
+
+    if "floor" in parts:
+        result["floor"] = metrics.real_floor(args.n, real_features=ref)
+        print("floor", result["floor"], flush=True)
+        save()
+    if "samplers" in parts:
+        model, schedule, _ = load_pretrained(device=device)
+        rows = []
+        runs = [("ddpm", 1000)] if args.ddpm else []
+        runs += [(s, int(k)) for s in ("ddim", "dpm_solver") for k in args.nfe.split(",")]
+        for sampler, nfe in runs:
+            x, seconds = sample(model, schedule, args.n, sampler, nfe, device, args.batch)
+            rows.append(dict(sampler=sampler, nfe=nfe, seconds=round(seconds, 2), **score(x)))
+            print(rows[-1], flush=True)
+            result["samplers"] = rows
+            save()
+    if "guidance" in parts and (args.weights / "fashion_mnist_cfg.pt").exists():
+        model, schedule, _ = load_weights(args.weights / "fashion_mnist_cfg.pt", device)
+        y = torch.arange(10).repeat_interleave(args.n // 10)
+        rows = []
+        for w in (float(v) for v in args.w.split(",")):
+            xs = []
+            for i in range(0, len(y), args.batch):
+                labelled = Labelled(model, w)
+                labelled.y = y[i:i + args.batch]
+                g = torch.Generator(device).manual_seed(i)
+                xs.append(dpm_solver_sample(labelled, schedule, (len(labelled.y), 1, 28, 28), steps=20,
+                                            generator=g, device=device).cpu())
+            x = torch.cat(xs)
+            rows.append(dict(w=w, accuracy=metrics.classifier_accuracy(x, y), **score(x)))
+            print(rows[-1], flush=True)
+            result["guidance"] = rows
+            save()
+    if "latent" in parts and (args.weights / "fashion_mnist_vae.pt").exists():
+        vae = autoencoder.load_vae(args.weights / "fashion_mnist_vae.pt", device)
+        latent_model, schedule, _ = load_weights(args.weights / "fashion_mnist_latent_unet.pt", device)
+        pixel_model, _, _ = load_weights(args.weights / "fashion_mnist_pixel_equal_time.pt", device)
+        z, seconds = sample(latent_model, schedule, args.n, "dpm_solver", 20, device, args.batch, clip_x0=False)
+        x = torch.cat([vae.decode_latents(z[i:i + args.batch].to(device)).cpu() for i in range(0, len(z), args.batch)])
+        result["latent"] = dict(seconds=round(seconds, 2), **score(x))
+        x, seconds = sample(pixel_model, schedule, args.n, "dpm_solver", 20, device, args.batch)
+        result["pixel_equal_time"] = dict(seconds=round(seconds, 2), **score(x))
+        print(result["latent"], result["pixel_equal_time"], flush=True)
+        save()
+    save()
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
