@@ -84,3 +84,16 @@ def test_benchmarks_page_matches_the_results():
     proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "benchmarks_page.py"), "--check"],
                           capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_how_to_use_lists_each_chapters_measured_time():
+    """how_to_use.md's table of run times repeats what each chapter's header says it measured."""
+    import re
+    page = (ROOT / "how_to_use.md").read_text()
+    for path in sorted((ROOT / "chapters").glob("*.ipynb")):
+        header = "".join(json.loads(path.read_text())["cells"][0]["source"])
+        m = re.search(r"smoke (\d+) s, cpu (\d+) s", header)
+        assert m, f"{path.name}: no 'smoke X s, cpu Y s' in its first cell"
+        title = header.splitlines()[0].lstrip("# ").strip()
+        row = f"| {title} | {m[1]} s | {m[2]} s |"
+        assert row in page, f"how_to_use.md lacks the row {row!r}"
