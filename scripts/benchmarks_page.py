@@ -38,14 +38,19 @@ def parse_log(path: Path) -> tuple[str, list[dict]]:
     return env, rows
 
 
-def throughput_table(rows: list[dict]) -> list[str]:
-    out = ["| network | variant | params | images/s | vs diffusers eager bf16 | ms per step | ms per network evaluation | peak memory | MFU |",
-           "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+def throughput_table(rows: list[dict], baseline: str, gpu: bool) -> list[str]:
+    """Markdown rows, each with its ratio to ``baseline`` on the same network; on a GPU also
+    the peak memory and the MFU (a CPU has neither)."""
+    extra = " peak memory | MFU |" if gpu else ""
+    out = [f"| network | variant | params | images/s | vs {baseline} | ms per step | ms per network evaluation |{extra}",
+           "| --- | --- | ---: | ---: | ---: | ---: | ---: |" + (" ---: | ---: |" if gpu else "")]
     for r in rows:
-        base = next((b for b in rows if b["net"] == r["net"] and b["variant"] == "diffusers eager bf16"), None)
+        base = next((b for b in rows if b["net"] == r["net"] and b["variant"] == baseline), None)
         ratio = f"{r['images_per_s'] / base['images_per_s']:.2f}x" if base else "n/a"
-        out.append(f"| {r['net']} | {r['variant']} | {r['params']:,} | {r['images_per_s']:,.0f} | {ratio} | "
-                   f"{r['ms_per_step']:.1f} | {r['ms_per_eval']:.2f} | {r['memory']} | {r['mfu']} |")
+        figures = (f"{r['images_per_s']:,.0f} | {ratio} | {r['ms_per_step']:.1f} | {r['ms_per_eval']:.2f} | "
+                   f"{r['memory']} | {r['mfu']} |" if gpu else
+                   f"{r['images_per_s']:,.1f} | {ratio} | {r['ms_per_step']:,.0f} | {r['ms_per_eval']:,.0f} |")
+        out.append(f"| {r['net']} | {r['variant']} | {r['params']:,} | {figures}")
     return out
 
 
@@ -61,17 +66,6 @@ def json_throughput_rows(result: dict) -> list[dict]:
     return rows
 
 
-def cpu_table(rows: list[dict]) -> list[str]:
-    out = ["| network | variant | params | images/s | vs diffusers eager fp32 | ms per step | ms per network evaluation |",
-           "| --- | --- | ---: | ---: | ---: | ---: | ---: |"]
-    for r in rows:
-        base = next((b for b in rows if b["net"] == r["net"] and b["variant"] == "diffusers eager fp32"), None)
-        ratio = f"{r['images_per_s'] / base['images_per_s']:.2f}x" if base else "n/a"
-        out.append(f"| {r['net']} | {r['variant']} | {r['params']:,} | {r['images_per_s']:,.1f} | {ratio} | "
-                   f"{r['ms_per_step']:,.0f} | {r['ms_per_eval']:,.0f} |")
-    return out
-
-
 def score_row(name: str, s: dict, extra: str = "") -> str:
     return (f"| {name} | {extra}{s['fid']:.2f} | {s['kid']:.2f} | {s['precision']:.3f} | {s['recall']:.3f} | "
             f"{s['entropy']:.3f} | {s['confidence']:.3f} |")
@@ -84,7 +78,7 @@ def generated() -> str:
         env, rows = parse_log(gpu_log)
         lines += ["### Training throughput on a GPU", "",
                   f"`python -m ddpm_lib.bench --steps 30 --warmup 10`, batch 128. Measured {env.replace('date: ', 'on ').replace(' | ', ', ')}.", ""]
-        lines += throughput_table(rows)
+        lines += throughput_table(rows, "diffusers eager bf16", gpu=True)
         nets = {r["net"] for r in rows if r["variant"] == "ddpm_lib fast"}
         if "cifar" not in nets:
             lines += ["", "The fast path of the CIFAR-size network has no row: that run reached the time limit of "
@@ -101,7 +95,7 @@ def generated() -> str:
                   "other jobs: read the ratios, not the absolute figures. The last column times the network "
                   "alone, without compilation, so *eager bf16* and *fast* run the same computation there; "
                   "the gap between them is the load changing between the two measurements.", ""]
-        lines += cpu_table(json_throughput_rows(result))
+        lines += throughput_table(json_throughput_rows(result), "diffusers eager fp32", gpu=False)
         lines.append("")
     sweep = RESULTS / "sweep_h200.json"
     if sweep.exists():
