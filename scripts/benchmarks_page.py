@@ -40,17 +40,17 @@ def parse_log(path: Path) -> tuple[str, list[dict]]:
 
 def throughput_table(rows: list[dict], baseline: str, gpu: bool) -> list[str]:
     """Markdown rows, each with its ratio to ``baseline`` on the same network; on a GPU also
-    the peak memory and the MFU (a CPU has neither)."""
-    extra = " peak memory | MFU |" if gpu else ""
-    out = [f"| network | variant | params | images/s | vs {baseline} | ms per step | ms per network evaluation |{extra}",
-           "| --- | --- | ---: | ---: | ---: | ---: | ---: |" + (" ---: | ---: |" if gpu else "")]
+    the peak memory and the MFU (a CPU has neither). Narrow columns, so the table fits the page."""
+    extra = " memory | MFU |" if gpu else ""
+    out = [f"| network | variant | images/s | vs {baseline.replace('eager ', '')} | ms/step | ms/eval |{extra}",
+           "| --- | --- | ---: | ---: | ---: | ---: |" + (" ---: | ---: |" if gpu else "")]
     for r in rows:
         base = next((b for b in rows if b["net"] == r["net"] and b["variant"] == baseline), None)
         ratio = f"{r['images_per_s'] / base['images_per_s']:.2f}x" if base else "n/a"
         figures = (f"{r['images_per_s']:,.0f} | {ratio} | {r['ms_per_step']:.1f} | {r['ms_per_eval']:.2f} | "
                    f"{r['memory']} | {r['mfu']} |" if gpu else
                    f"{r['images_per_s']:,.1f} | {ratio} | {r['ms_per_step']:,.0f} | {r['ms_per_eval']:,.0f} |")
-        out.append(f"| {r['net']} | {r['variant']} | {r['params']:,} | {figures}")
+        out.append(f"| {r['net']} ({r['params'] / 1e6:.1f}M) | {r['variant']} | {figures}")
     return out
 
 
@@ -77,7 +77,9 @@ def generated() -> str:
     if gpu_log.exists():
         env, rows = parse_log(gpu_log)
         lines += ["### Training throughput on a GPU", "",
-                  f"`python -m ddpm_lib.bench --steps 30 --warmup 10`, batch 128. Measured {env.replace('date: ', 'on ').replace(' | ', ', ')}.", ""]
+                  f"`python -m ddpm_lib.bench --steps 30 --warmup 10`, batch 128. Measured {env.replace('date: ', 'on ').replace(' | ', ', ')}. "
+                  "*ms/step*: one training step; *ms/eval*: one network evaluation when sampling; "
+                  "*memory*: peak GPU memory in training.", ""]
         lines += throughput_table(rows, "diffusers eager bf16", gpu=True)
         nets = {r["net"] for r in rows if r["variant"] == "ddpm_lib fast"}
         if "cifar" not in nets:
