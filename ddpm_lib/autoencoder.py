@@ -52,6 +52,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from .train import save_checkpoint
 from .unet import UNet, _groups
 
 Tensor = torch.Tensor
@@ -355,11 +356,9 @@ def save_vae(vae: VAE, path) -> str:
     """Write ``{"format", "config", "state_dict", "scale_factor"}`` (tensors and plain
     Python values only, loadable with ``weights_only=True``) to ``path``; return its sha256."""
     from .pretrained import sha256
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu() for k, v in vae.state_dict().items()}
-    torch.save({"format": FORMAT, "config": dict(vae.config), "state_dict": state,
-                "scale_factor": vae.scale_factor}, path)
+    save_checkpoint({"format": FORMAT, "config": dict(vae.config), "state_dict": state,
+                     "scale_factor": vae.scale_factor}, path)      # atomically: never half a file
     return sha256(path)
 
 

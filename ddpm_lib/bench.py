@@ -37,7 +37,7 @@ import torch
 from . import data
 from .samplers import ddim_sample
 from .schedules import NoiseSchedule
-from .train import train
+from .train import DEFAULT_COMPILE_MODE, train
 from .unet import UNet, count_parameters
 
 # Matched configurations: (ddpm_lib UNet kwargs, diffusers UNet2DModel kwargs, image shape)
@@ -69,7 +69,7 @@ VARIANTS = {
     "diffusers eager bf16": ("diffusers", EAGER_BF16),
     "ddpm_lib eager fp32": ("ddpm_lib", EAGER_FP32),
     "ddpm_lib eager bf16": ("ddpm_lib", EAGER_BF16),
-    "ddpm_lib fast": ("ddpm_lib", dict(bf16=True, channels_last=True, compile="reduce-overhead")),
+    "ddpm_lib fast": ("ddpm_lib", dict(bf16=True, channels_last=True, compile=DEFAULT_COMPILE_MODE)),
 }
 
 

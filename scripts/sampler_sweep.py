@@ -26,12 +26,13 @@ from ddpm_lib.samplers import ddim_sample, ddpm_sample, dpm_solver_sample, guide
 
 
 def sample(model, schedule, n, sampler, nfe, device, batch, seed=0, clip_x0=True):
-    """n samples in batches, and the seconds it took."""
+    """n samples of the UNet ``model`` (shape from its config), in batches, and the seconds it took."""
+    c = model.config
     out = []
     start = time.perf_counter()
     for i in range(0, n, batch):
         g = torch.Generator(device).manual_seed(seed + i)
-        shape = (min(batch, n - i), *shape_of(model))
+        shape = (min(batch, n - i), c["in_channels"], c["image_size"], c["image_size"])
         if sampler == "ddpm":
             x = ddpm_sample(model, schedule, shape, generator=g, device=device, clip_x0=clip_x0)
         elif sampler == "ddim":
@@ -42,25 +43,6 @@ def sample(model, schedule, n, sampler, nfe, device, batch, seed=0, clip_x0=True
     if device.type == "cuda":
         torch.cuda.synchronize()
     return torch.cat(out), time.perf_counter() - start
-
-
-def shape_of(model):
-    c = getattr(model, "config", {})
-    if "in_channels" in c:
-        return (c["in_channels"], c["image_size"], c["image_size"])
-    return model.sample_shape
-
-
-class Labelled(torch.nn.Module):
-    """A guided model function with the labels of the current batch set from outside."""
-
-    def __init__(self, model, w):
-        super().__init__()
-        self.model, self.w, self.y = model, w, None
-        self.config = model.config
-
-    def forward(self, x, t):
-        return guided_model(self.model, self.y[: x.shape[0]].to(x.device), self.w)(x, t)
 
 
 def main() -> None:
@@ -110,11 +92,10 @@ def main() -> None:
         for w in (float(v) for v in args.w.split(",")):
             xs = []
             for i in range(0, len(y), args.batch):
-                labelled = Labelled(model, w)
-                labelled.y = y[i:i + args.batch]
+                y_batch = y[i:i + args.batch].to(device)
                 g = torch.Generator(device).manual_seed(i)
-                xs.append(dpm_solver_sample(labelled, schedule, (len(labelled.y), 1, 28, 28), steps=20,
-                                            generator=g, device=device).cpu())
+                xs.append(dpm_solver_sample(guided_model(model, y_batch, w), schedule, (len(y_batch), 1, 28, 28),
+                                            steps=20, generator=g, device=device).cpu())
             x = torch.cat(xs)
             rows.append(dict(w=w, accuracy=metrics.classifier_accuracy(x, y), **score(x)))
             print(rows[-1], flush=True)
@@ -123,7 +104,9 @@ def main() -> None:
     if "latent" in parts and (args.weights / "fashion_mnist_vae.pt").exists():
         vae = autoencoder.load_vae(args.weights / "fashion_mnist_vae.pt", device)
         latent_model, schedule, _ = load_weights(args.weights / "fashion_mnist_latent_unet.pt", device)
-        pixel_model, _, _ = load_weights(args.weights / "fashion_mnist_pixel_equal_time.pt", device)
+        pixel_file = args.weights / "fashion_mnist_pixel_equal_time.pt"     # a fresh train_part3.py run
+        pixel_model, _, _ = load_weights(pixel_file if pixel_file.exists() else
+                                         Path("results/fashion_mnist_pixel_equal_time.pt"), device)
         z, seconds = sample(latent_model, schedule, args.n, "dpm_solver", 20, device, args.batch, clip_x0=False)
         x = torch.cat([vae.decode_latents(z[i:i + args.batch].to(device)).cpu() for i in range(0, len(z), args.batch)])
         result["latent"] = dict(seconds=round(seconds, 2), **score(x))
