@@ -3,7 +3,8 @@
 One module per idea, in the order data flows:
 ``data`` -> ``diffusion`` (the equations) -> ``schedules`` (NoiseSchedule) -> ``unet`` ->
 ``train`` -> ``samplers`` -> ``viz``; ``pretrained`` loads shipped weights, ``book`` sets up
-a chapter, ``python -m ddpm_lib`` trains and samples from the command line.
+a chapter, ``checks`` says when value checks run, ``python -m ddpm_lib`` trains and samples
+from the command line.
 """
 __version__ = "0.1.0"
 

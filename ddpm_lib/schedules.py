@@ -14,6 +14,7 @@ import math
 import torch
 
 from . import diffusion
+from .checks import check_values
 
 Tensor = torch.Tensor
 
@@ -134,9 +135,9 @@ class NoiseSchedule:
             raise ValueError(f"timesteps must be integers (0-based, 0..{self.T - 1}), got dtype {t.dtype}")
         if t.ndim > 1:
             raise ValueError(f"timesteps must be a scalar or 1-D tensor (B,), got shape {tuple(t.shape)}")
-        # Value checks read the tensor back from the GPU (a synchronisation) and split a
-        # torch.compile graph: inside compiled code (train's fast path draws t itself) they are skipped.
-        if t.numel() and not torch.compiler.is_compiling() and (t.min() < 0 or t.max() > self.T - 1):
+        # A value check reads t back from the GPU (a synchronisation) and splits a torch.compile
+        # graph: skipped while compiling and in train()'s loop, which draws t itself (see checks.py)
+        if t.numel() and check_values() and (t.min() < 0 or t.max() > self.T - 1):
             raise ValueError(f"timesteps must lie in 0..{self.T - 1} (0-based; index t is the paper's "
                              f"step t+1), got values from {t.min().item()} to {t.max().item()}")
         t = t.reshape(-1).to(self.device, torch.long)
@@ -171,7 +172,7 @@ class NoiseSchedule:
     @classmethod
     def _check_finite(cls, name: str, x: Tensor) -> None:
         cls._check_float(name, x)
-        if not torch.compiler.is_compiling() and not torch.isfinite(x).all():   # see check_t
+        if check_values() and not torch.isfinite(x).all():   # see check_t
             raise ValueError(f"{name} contains NaN or infinite values")
 
     def _check_same_shape(self, **tensors) -> None:

@@ -6,7 +6,8 @@ One step (Ho et al. 2020, Algorithm 1)::
     loss = || eps - eps_theta(sqrt(alpha_bar_t) x0 + sqrt(1 - alpha_bar_t) eps, t) ||^2
 
 around which :func:`train` adds what a real run needs: AdamW, an exponential moving
-average (EMA) of the weights with warm-up, gradient clipping, bf16 autocast on a GPU, a
+average (EMA) of the weights with warm-up, gradient clipping, mixed precision on a GPU
+(bf16, or fp16 with loss scaling where the GPU has no bf16), random horizontal flips, a
 tqdm progress bar, a loss history, and checkpoints written atomically every N steps from
 which a run resumes exactly where it stopped (model, EMA, optimiser, step, RNG states).
 """
@@ -23,6 +24,7 @@ import torch
 from tqdm.auto import tqdm
 
 from . import diffusion
+from .checks import trusted_inputs
 
 Tensor = torch.Tensor
 
@@ -44,9 +46,12 @@ class TrainConfig:
     grad_clip: float | None = 1.0    # max global gradient norm, None for no clipping
     ema_decay: float = 0.9999        # EMA decay; warm-up uses min(decay, (1 + n) / (10 + n))
     label_dropout: float = 0.1       # for class-conditional models: P(label -> null class)
-    # The fast path. None means "on a CUDA GPU" (bf16: of compute capability >= 8); all are
-    # harmless to leave at None on a CPU, where they are off.
+    hflip: bool = False              # flip each training image left-right with probability 1/2
+    # The fast path. None means "on a CUDA GPU"; all are harmless to leave at None on a CPU,
+    # where they are off. Mixed precision: bf16 on GPUs that compute it (compute capability
+    # >= 8: A100, L4, H100), fp16 with loss scaling on the others (T4, V100).
     bf16: bool | None = None         # bf16 autocast (GroupNorm, softmax and the loss stay float32)
+    fp16: bool | None = None         # fp16 autocast + GradScaler; None: where bf16 is off and left at None
     channels_last: bool | None = None  # NHWC memory layout for the convolutions
     compile: bool | str | None = None  # torch.compile the loss; a string picks the mode, e.g. "reduce-overhead"
     data_on_device: bool | None = None  # keep the dataset on the GPU and draw batches there
@@ -67,6 +72,8 @@ class TrainConfig:
             raise ValueError(f"label_dropout must be in [0, 1), got {self.label_dropout}")
         if self.grad_clip is not None and not self.grad_clip > 0:
             raise ValueError(f"grad_clip must be positive or None, got {self.grad_clip}")
+        if self.bf16 and self.fp16:
+            raise ValueError("bf16 and fp16 are two kinds of mixed precision: turn on one of them")
         if self.compile not in COMPILE_MODES:
             raise ValueError(f"compile must be one of {COMPILE_MODES}, got {self.compile!r}")
         if self.checkpoint_every < 0 or self.log_every < 1 or self.warmup_steps < 0:
@@ -186,17 +193,21 @@ def _check_data(images: Tensor, labels: Tensor | None, model, check_range: bool 
             raise ValueError(f"labels must have shape ({images.shape[0]},), got {tuple(labels.shape)}")
         if not num_classes:
             raise ValueError("labels were given but the model is unconditional (num_classes=None)")
+        if labels.is_floating_point() or labels.min() < 0 or labels.max() >= num_classes:
+            raise ValueError(f"labels must be integers in 0..{num_classes - 1}, got {labels.dtype} values "
+                             f"from {labels.min().item()} to {labels.max().item()}")
 
 
 def _resolve_fast_path(config: TrainConfig, device: torch.device) -> dict:
     """What the fast path does on this device: each ``None`` setting becomes "on a CUDA GPU"."""
     cuda = device.type == "cuda"
-    bf16 = config.bf16 if config.bf16 is not None else (
-        cuda and torch.cuda.get_device_capability(device)[0] >= 8)   # Ampere and newer compute bf16 natively
+    has_bf16 = cuda and torch.cuda.get_device_capability(device)[0] >= 8   # Ampere and newer compute bf16
+    bf16 = config.bf16 if config.bf16 is not None else (has_bf16 and not config.fp16)
+    fp16 = config.fp16 if config.fp16 is not None else (cuda and not has_bf16 and config.bf16 is None)
     compile_mode = config.compile if config.compile is not None else (DEFAULT_COMPILE_MODE if cuda else False)
     if compile_mode is True:
         compile_mode = "default"
-    return dict(bf16=bool(bf16),
+    return dict(bf16=bool(bf16), fp16=bool(fp16),
                 channels_last=config.channels_last if config.channels_last is not None else cuda,
                 compile=compile_mode or False,
                 data_on_device=config.data_on_device if config.data_on_device is not None else cuda)
@@ -243,8 +254,8 @@ def train(model: torch.nn.Module, schedule, images: Tensor, config: TrainConfig 
     ``callback(step, model, ema)``, if given, runs after every step; returning True stops
     training there (benchmarks use it to time steps and to stop at a wall-clock budget).
 
-    On a CUDA GPU the fast path is on by default (see :class:`TrainConfig`): bf16 autocast,
-    channels_last, the dataset kept on the GPU, fused AdamW, a multi-tensor EMA update,
+    On a CUDA GPU the fast path is on by default (see :class:`TrainConfig`): bf16 autocast
+    (fp16 with a GradScaler on GPUs without bf16), channels_last, the dataset kept on the GPU, fused AdamW, a multi-tensor EMA update,
     ``torch.compile`` of the loss, and no host-device synchronisation between logged steps.
 
     Several processes (``torchrun``; call :func:`init_distributed` first) train one model
@@ -279,6 +290,10 @@ def train(model: torch.nn.Module, schedule, images: Tensor, config: TrainConfig 
     ema = EMA(model, config.ema_decay)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay,
                                   **({"fused": True} if device.type == "cuda" else {}))
+    # fp16 loss scaling: the loss is multiplied by a large factor before backward, so that small
+    # gradients do not round to zero in fp16; steps whose gradients overflow are skipped and the
+    # factor shrinks. Disabled, the scaler passes everything through unchanged.
+    scaler = torch.amp.GradScaler(device.type if fast["fp16"] else "cpu", enabled=fast["fp16"])
     running = []   # losses since the last logged step (device tensors until they are logged)
     stat_dtype = torch.float32 if device.type == "mps" else torch.float64
     history = {"step": [], "loss": [], "loss_sum_by_t": torch.zeros(schedule.T, dtype=torch.float64),
@@ -293,6 +308,8 @@ def train(model: torch.nn.Module, schedule, images: Tensor, config: TrainConfig 
         model.load_state_dict(state["model"])
         ema.load_state_dict(state["ema"])
         optimizer.load_state_dict(state["optimizer"])
+        if scaler.is_enabled() and state.get("scaler"):
+            scaler.load_state_dict(state["scaler"])
         history = {k: (v.cpu() if isinstance(v, torch.Tensor) else v) for k, v in state["history"].items()}
         step = resumed_from = state["step"]
         running = [torch.tensor(v) for v in state["running"]]
@@ -303,7 +320,8 @@ def train(model: torch.nn.Module, schedule, images: Tensor, config: TrainConfig 
         net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
 
     def loss_per_image(x0, t, eps, y):
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=fast["bf16"]):
+        with torch.autocast(device.type, dtype=torch.bfloat16 if fast["bf16"] else torch.float16,
+                            enabled=fast["bf16"] or fast["fp16"]):
             return diffusion.loss_simple(net, schedule, x0, t, eps, y=y, reduction="none")
     if fast["compile"]:
         loss_per_image = torch.compile(loss_per_image, mode=fast["compile"])
@@ -332,7 +350,7 @@ def train(model: torch.nn.Module, schedule, images: Tensor, config: TrainConfig 
 
     def checkpoint_state() -> dict:
         return {"model": model.state_dict(), "ema": ema.state_dict(), "optimizer": optimizer.state_dict(),
-                "step": step, "history": history, "running": [float(r) for r in running],
+                "scaler": scaler.state_dict(), "step": step, "history": history, "running": [float(r) for r in running],
                 "rng": _rng_state(gen_cpu, gen_device), "config": asdict(config),
                 "model_config": getattr(model, "config", None), "betas": schedule.float64("betas")}
 
@@ -353,8 +371,11 @@ def train(model: torch.nn.Module, schedule, images: Tensor, config: TrainConfig 
         eps = torch.randn((B, *images.shape[1:]), generator=gen_device or gen_cpu, device=device)
         drop = (torch.rand(B, generator=gen_batch, device=gen_batch.device) < config.label_dropout
                 if labels is not None else None)
+        flip = torch.rand(B, generator=gen_batch, device=gen_batch.device) < 0.5 if config.hflip else None
         idx, t, eps = idx[shard].to(images.device), t[shard].to(device), eps[shard]
         x0 = images[idx].to(device, non_blocking=True)
+        if flip is not None:
+            x0 = torch.where(flip[shard].to(device).view(-1, 1, 1, 1), x0.flip(-1), x0)
         if fast["channels_last"]:
             x0, eps = x0.contiguous(memory_format=torch.channels_last), eps.contiguous(memory_format=torch.channels_last)
         y = None
@@ -365,13 +386,16 @@ def train(model: torch.nn.Module, schedule, images: Tensor, config: TrainConfig 
         lr = config.lr * min(1.0, (step + 1) / config.warmup_steps) if config.warmup_steps else config.lr
         for group in optimizer.param_groups:
             group["lr"] = lr
-        per_image = loss_per_image(x0, t, eps, y)
+        with trusted_inputs():           # valid by construction: no value checks, no host reads
+            per_image = loss_per_image(x0, t, eps, y)
         loss = per_image.mean()
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        scaler.scale(loss).backward()
         if config.grad_clip is not None:
+            scaler.unscale_(optimizer)       # clip the true gradients, not the scaled ones
             torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
-        optimizer.step()
+        scaler.step(optimizer)
+        scaler.update()
         ema.update(model)
         step += 1
 

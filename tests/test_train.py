@@ -1,11 +1,15 @@
+import functools
 import os
+import sys
 
 import pytest
 import torch
+import torch.nn.functional as F
 
-from ddpm_lib import NoiseSchedule
+from ddpm_lib import NoiseSchedule, diffusion
+from ddpm_lib.checks import check_values, trusted_inputs
 from ddpm_lib.data import load
-from ddpm_lib.train import EMA, TrainConfig, load_checkpoint, save_checkpoint, train
+from ddpm_lib.train import EMA, TrainConfig, _resolve_fast_path, load_checkpoint, save_checkpoint, train
 from ddpm_lib.unet import UNet
 
 
@@ -114,6 +118,8 @@ def test_bad_training_input(fashion):
         train(small_unet(), sched, images[:, 0], steps=1, progress=False)
     with pytest.raises(ValueError, match="NaN"):
         train(small_unet(), sched, images * float("nan"), steps=1, progress=False)
+    with pytest.raises(ValueError, match=r"labels must be integers in 0\.\.9"):
+        train(small_unet(num_classes=10), sched, images, labels=labels + 1, steps=1, progress=False)
     for bad in (dict(steps=0), dict(lr=-1.0), dict(ema_decay=1.0), dict(batch_size=2.5), dict(grad_clip=0.0)):
         with pytest.raises(ValueError):
             TrainConfig(**bad)
@@ -147,3 +153,128 @@ def test_callback_stops_training(fashion):
 def test_fast_path_settings_are_checked():
     with pytest.raises(ValueError, match="compile"):
         TrainConfig(compile="fastest")
+    with pytest.raises(ValueError, match="one of them"):
+        TrainConfig(bf16=True, fp16=True)
+
+
+@pytest.mark.parametrize("capability, settings, expected", [
+    ((9, 0), {}, dict(bf16=True, fp16=False)),                    # H100: bf16
+    ((8, 0), {}, dict(bf16=True, fp16=False)),                    # A100
+    ((7, 5), {}, dict(bf16=False, fp16=True)),                    # T4: no bf16, so fp16 + loss scaling
+    ((7, 5), dict(bf16=False), dict(bf16=False, fp16=False)),     # bf16 turned off: float32
+    ((9, 0), dict(fp16=True), dict(bf16=False, fp16=True)),       # asked for fp16
+    ((9, 0), dict(bf16=False), dict(bf16=False, fp16=False)),
+])
+def test_mixed_precision_defaults_by_gpu(monkeypatch, capability, settings, expected):
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    fast = _resolve_fast_path(TrainConfig(**settings), torch.device("cuda", 0))
+    assert {k: fast[k] for k in expected} == expected
+    assert fast["channels_last"] and fast["data_on_device"] and fast["compile"] == "reduce-overhead"
+    on_cpu = _resolve_fast_path(TrainConfig(), torch.device("cpu"))
+    assert not any(on_cpu.values())                               # all off on a CPU
+
+
+def tiny_unet():
+    torch.manual_seed(0)
+    return UNet(base_channels=8, channel_mults=(1, 2), num_res_blocks=1, attention_resolutions=(), dropout=0.0)
+
+
+@pytest.fixture(scope="module")
+def small_images(fashion):
+    # 12x12 crops of 2x-downsampled images: fp16 convolutions are slow on a CPU
+    return F.avg_pool2d(fashion[0], 2)[:, :, 1:13, 1:13].contiguous()
+
+
+def test_fp16_with_loss_scaling_follows_the_float32_curve(small_images):
+    """fp16 autocast + GradScaler (the default on GPUs without bf16) trains like float32."""
+    schedule = NoiseSchedule.linear()
+    kw = dict(steps=60, batch_size=16, lr=3e-3, log_every=10, progress=False, seed=3)
+    plain = train(tiny_unet(), schedule, small_images, bf16=False, **kw)
+    half = train(tiny_unet(), schedule, small_images, fp16=True, **kw)
+    a, b = torch.tensor(plain.history["loss"]), torch.tensor(half.history["loss"])
+    assert b[-1] < 0.5 * b[0]
+    assert ((a - b).abs() / a).max() < 0.15, (a, b)                # measured: under 0.1%
+    assert not torch.equal(next(plain.model.parameters()), next(half.model.parameters()))  # fp16 did round
+
+
+def test_fp16_resume_restores_the_loss_scale(small_images, tmp_path, monkeypatch):
+    """A huge initial scale makes the first steps overflow: the scaler skips them and halves
+    the scale each time. A resumed run must continue with the reduced scale, not start over."""
+    monkeypatch.setattr(torch.amp, "GradScaler", functools.partial(torch.amp.GradScaler, init_scale=2.0 ** 60))
+    schedule = NoiseSchedule.linear(T=100)
+    kw = dict(batch_size=8, lr=1e-3, log_every=2, progress=False, fp16=True)
+    straight = train(tiny_unet(), schedule, small_images, steps=10, **kw)
+    ckpt = tmp_path / "run.pt"
+    train(tiny_unet(), schedule, small_images, steps=6, checkpoint=ckpt, **kw)
+    scale = load_checkpoint(ckpt)["scaler"]["scale"]
+    assert 1.0 < scale < 2.0 ** 60                                 # overflows were met and skipped
+    resumed = train(tiny_unet(), schedule, small_images, steps=10, checkpoint=ckpt, **kw)
+    for a, b in zip(straight.model.state_dict().values(), resumed.model.state_dict().values()):
+        assert torch.equal(a, b)
+
+
+def test_horizontal_flips(fashion, monkeypatch):
+    images = fashion[0][:1]                     # one image, not left-right symmetric
+    assert not torch.equal(images, images.flip(-1))
+    seen = []
+
+    def recording_loss(model, schedule, x0, *args, **kw):
+        seen.append(x0.clone())
+        return loss_simple(model, schedule, x0, *args, **kw)
+
+    loss_simple = diffusion.loss_simple
+    monkeypatch.setattr(diffusion, "loss_simple", recording_loss)
+    for hflip in (False, True):
+        seen.clear()
+        train(small_unet(), NoiseSchedule.linear(T=10), images, steps=4, batch_size=16, progress=False, hflip=hflip)
+        x0 = torch.cat(seen)
+        flipped = (x0 == images.flip(-1)).flatten(1).all(1)
+        assert (flipped | (x0 == images).flatten(1).all(1)).all()
+        assert flipped.sum() == 0 if not hflip else 16 < flipped.sum() < 48, flipped.sum()
+
+
+def test_no_host_reads_inside_the_training_loop(fashion, monkeypatch):
+    """Between logged steps ddpm_lib's code never reads a tensor's value on the host: on a GPU
+    each read would wait for the queued work (a synchronisation). Counted here on the CPU by
+    wrapping the ways Python reads a tensor value. (The CPU's AdamW reads its step counters;
+    the fused AdamW that train() uses on a GPU does not, so only ddpm_lib's reads count.)"""
+    images, labels = fashion
+    reads = [0]
+    package = os.path.dirname(diffusion.__file__)
+
+    def counting(name):
+        original = getattr(torch.Tensor, name)
+
+        @functools.wraps(original)
+        def wrapper(self, *args, **kw):
+            reads[0] += sys._getframe(1).f_code.co_filename.startswith(package)
+            return original(self, *args, **kw)
+        monkeypatch.setattr(torch.Tensor, name, wrapper)
+
+    for name in ("__bool__", "item", "__float__", "__int__", "__index__", "tolist"):
+        counting(name)
+    at_step = {}
+
+    def record(step, model, ema):
+        at_step[step] = reads[0]
+        return False
+
+    train(small_unet(num_classes=10), NoiseSchedule.linear(T=50), images, labels=labels, steps=6, batch_size=4,
+          grad_clip=1.0, log_every=100, progress=False, callback=record)
+    assert at_step[1] > 0                                           # the wrapping works: the set-up reads
+    assert at_step[6] == at_step[1], at_step
+
+
+def test_trusted_inputs_switches_value_checks_off():
+    schedule = NoiseSchedule.linear(T=10)
+    bad_t = torch.tensor([3, 12])
+    with pytest.raises(ValueError, match="timesteps must lie"):
+        schedule.check_t(bad_t)
+    with trusted_inputs():
+        assert not check_values()
+        schedule.check_t(bad_t)                                     # not checked inside
+        with pytest.raises(ValueError, match="1-D"):                # shape checks still run
+            schedule.check_t(torch.zeros(2, 2, dtype=torch.long))
+    assert check_values()
+    with pytest.raises(ValueError, match="timesteps must lie"):
+        schedule.check_t(bad_t)
