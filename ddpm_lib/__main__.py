@@ -23,10 +23,10 @@ import numpy as np
 import torch
 
 from . import data
-from .pretrained import load_weights, sha256
+from .pretrained import load_weights, save_weights
 from .samplers import ddim_sample, ddpm_sample
 from .schedules import NoiseSchedule
-from .train import TrainConfig, distributed_info, init_distributed, load_checkpoint, save_checkpoint, train
+from .train import TrainConfig, distributed_info, init_distributed, load_checkpoint, train
 from .unet import UNet, count_parameters
 
 
@@ -59,7 +59,8 @@ def cmd_train(args) -> None:
     config = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, warmup_steps=args.warmup_steps,
                          ema_decay=args.ema_decay, grad_clip=args.grad_clip, seed=args.seed,
                          checkpoint_every=args.checkpoint_every, log_every=args.log_every,
-                         bf16=_switch(args.bf16), channels_last=_switch(args.channels_last),
+                         hflip=args.hflip, bf16=_switch(args.bf16), fp16=_switch(args.fp16),
+                         channels_last=_switch(args.channels_last),
                          compile={"auto": None, "off": False}.get(args.compile, args.compile))
     start = time.time()
     result = train(model, schedule, images, config, labels=labels if args.conditional else None,
@@ -76,10 +77,10 @@ def cmd_export(args) -> None:
     meta = {"step": state["step"], "train_config": state["config"], "source": Path(args.checkpoint).name}
     if args.meta:
         meta.update(json.loads(args.meta))
-    blob = {"state_dict": state["ema"]["model"], "model_config": state["model_config"],
-            "betas": state["betas"], "meta": meta}
-    save_checkpoint(blob, args.out)
-    print(f"wrote {args.out} ({Path(args.out).stat().st_size / 1e6:.1f} MB), sha256 {sha256(args.out)}")
+    ema_model = UNet(**state["model_config"])
+    ema_model.load_state_dict(state["ema"]["model"])
+    digest = save_weights(ema_model, NoiseSchedule(state["betas"]), args.out, meta)
+    print(f"wrote {args.out} ({Path(args.out).stat().st_size / 1e6:.1f} MB), sha256 {digest}")
 
 
 def cmd_sample(args) -> None:
@@ -132,7 +133,11 @@ def main(argv=None) -> None:
     t.add_argument("--device", default=None)
     t.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     t.add_argument("--no-progress", action="store_true")
-    t.add_argument("--bf16", choices=["auto", "on", "off"], default="auto", help="bf16 autocast (auto: on a GPU)")
+    t.add_argument("--hflip", action="store_true", help="random horizontal flips (CIFAR-10; not for digits)")
+    t.add_argument("--bf16", choices=["auto", "on", "off"], default="auto",
+                   help="bf16 autocast (auto: on GPUs of compute capability 8 and newer)")
+    t.add_argument("--fp16", choices=["auto", "on", "off"], default="auto",
+                   help="fp16 autocast with loss scaling (auto: on older GPUs such as the T4, when --bf16 is auto)")
     t.add_argument("--channels-last", choices=["auto", "on", "off"], default="auto")
     t.add_argument("--compile", choices=["auto", "off", "default", "reduce-overhead", "max-autotune",
                                          "max-autotune-no-cudagraphs"], default="auto",

@@ -14,12 +14,13 @@ differ. Two network sizes, each matched in parameters to a diffusers configurati
 
 Every variant trains through the same loop, so fused AdamW, the multi-tensor EMA and the
 dataset on the GPU are common to all of them; the variants differ in the network and in
-bf16, channels_last and ``torch.compile``.
+bf16, channels_last and ``torch.compile``. On a GPU without bf16 (T4, V100) the bf16 variants
+run in fp16 with loss scaling instead, and are named so.
 
 For each it prints training throughput (images/s), the time of one network evaluation when
 sampling, peak GPU memory, and on a GPU the model-FLOPs utilisation (MFU): the FLOPs of a
 forward and backward pass (counted by ``torch.utils.flop_counter``) per second, over the
-GPU's dense bf16 peak. ``--time-to-quality`` trains the small networks for wall-clock
+GPU's dense 16-bit (bf16, or fp16 where there is no bf16) tensor-core peak. ``--time-to-quality`` trains the small networks for wall-clock
 budgets on Fashion-MNIST and scores DDIM samples with :mod:`ddpm_lib.metrics`.
 
 diffusers is needed only here: ``pip install diffusers``.
@@ -57,8 +58,9 @@ NETS = {
               (3, 32, 32)),
 }
 
-# dense bf16 tensor-core peak, FLOP/s, by a substring of the device name (vendor data sheets)
-PEAK_BF16 = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L4": 121e12, "A10G": 125e12,
+# dense 16-bit tensor-core peak, FLOP/s, by a substring of the device name (vendor data
+# sheets): bf16, and fp16 for the T4 and V100, which have no bf16
+PEAK_16BIT = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L4": 121e12, "A10G": 125e12,
              "T4": 65e12, "V100": 125e12}
 
 # The variants measured: name -> (network, fast-path settings for TrainConfig)
@@ -71,6 +73,18 @@ VARIANTS = {
     "ddpm_lib eager bf16": ("ddpm_lib", EAGER_BF16),
     "ddpm_lib fast": ("ddpm_lib", dict(bf16=True, channels_last=True, compile=DEFAULT_COMPILE_MODE)),
 }
+
+
+def variant(name: str, device, fp16: bool = False) -> tuple[str, str, dict]:
+    """``(name, network kind, fast-path settings)`` of a variant on ``device``. A GPU without
+    bf16 (compute capability < 8: T4, V100), or ``fp16=True``, runs the bf16 variants in fp16
+    with loss scaling, under a name that says so."""
+    kind, fast = VARIANTS[name]
+    no_bf16 = device.type == "cuda" and torch.cuda.get_device_capability(device)[0] < 8
+    if fast.get("bf16") and (fp16 or no_bf16):
+        fast = {**fast, "bf16": False, "fp16": True}
+        name = name.replace("bf16", "fp16") if "bf16" in name else name + " (fp16)"
+    return name, kind, fast
 
 
 class DiffusersEps(torch.nn.Module):
@@ -133,12 +147,13 @@ def measure_training(kind, net, fast, device, batch_size, steps, warmup, images)
 
 
 @torch.no_grad()
-def measure_sampling(kind, net, device, batch_size, reps=20, bf16=False) -> float:
-    """Milliseconds per network evaluation (one sampler step's model call) at ``batch_size``."""
+def measure_sampling(kind, net, device, batch_size, half=None, reps=20) -> float:
+    """Milliseconds per network evaluation (one sampler step's model call) at ``batch_size``,
+    under autocast to ``half`` (torch.bfloat16 or torch.float16) if given."""
     model = build(kind, net).to(device).eval()
     x = torch.randn((batch_size, *NETS[net][2]), device=device)
     t = torch.full((batch_size,), 500, device=device)
-    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+    with torch.autocast(device.type, dtype=half or torch.bfloat16, enabled=half is not None):
         for _ in range(3):
             model(x, t)
         synchronize(device)
@@ -149,7 +164,7 @@ def measure_sampling(kind, net, device, batch_size, reps=20, bf16=False) -> floa
     return 1e3 * (time.perf_counter() - start) / reps
 
 
-def time_to_quality(device, budgets, batch_size, n_samples, variants) -> list[dict]:
+def time_to_quality(device, budgets, batch_size, n_samples, variants, fp16=False) -> list[dict]:
     """Train each variant on Fashion-MNIST for wall-clock ``budgets`` (seconds, compilation
     included), snapshot the EMA weights at each, and score DDIM-50 samples of each snapshot."""
     from . import metrics
@@ -159,7 +174,7 @@ def time_to_quality(device, budgets, batch_size, n_samples, variants) -> list[di
     rows = [dict(variant="real test images (floor)", budget_s=0, steps=0,
                  **metrics.real_floor(n_samples, real_features=reference))]
     for name in variants:
-        kind, fast = VARIANTS[name]
+        name, kind, fast = variant(name, device, fp16)
         model = build(kind, "small")
         snapshots, todo = {}, sorted(budgets)
         start = time.perf_counter()
@@ -200,23 +215,22 @@ def peak_flops(device) -> float | None:
     if device.type != "cuda":
         return None
     name = torch.cuda.get_device_name(device)
-    return next((v for k, v in PEAK_BF16.items() if k in name), None)
+    return next((v for k, v in PEAK_16BIT.items() if k in name), None)
 
 
-def run(device, nets, variants, batch_sizes, steps, warmup) -> list[dict]:
+def run(device, nets, variants, batch_sizes, steps, warmup, fp16=False) -> list[dict]:
     images = {net: torch.rand((4096, *NETS[net][2])) * 2 - 1 for net in nets}
     rows = []
     for net in nets:
         B = batch_sizes[net]
         flops = None
         for name in variants:
-            kind, fast = VARIANTS[name]
-            if fast.get("bf16") and device.type == "cuda" and torch.cuda.get_device_capability(device)[0] < 8:
-                continue
+            name, kind, fast = variant(name, device, fp16)
             try:
                 row = dict(net=net, variant=name, batch=B, **measure_training(
                     kind, net, fast, device, B, steps, warmup, images[net]))
-                row["ms_per_eval"] = measure_sampling(kind, net, device, B, bf16=fast.get("bf16", False))
+                half = torch.bfloat16 if fast.get("bf16") else torch.float16 if fast.get("fp16") else None
+                row["ms_per_eval"] = measure_sampling(kind, net, device, B, half)
             except Exception as e:  # one variant failing (say, compile) must not hide the others
                 row = dict(net=net, variant=name, batch=B, error=f"{type(e).__name__}: {e}"[:300])
             if "images_per_s" in row:
@@ -227,9 +241,8 @@ def run(device, nets, variants, batch_sizes, steps, warmup) -> list[dict]:
                 row["mfu"] = row["tflops_per_s"] * 1e12 / peak if peak else None
             rows.append(row)
             print(format_row(row), flush=True)
-        base = next((r for r in rows if r["net"] == net and r["variant"] == "diffusers eager bf16"
-                     and "images_per_s" in r), None) or next(
-            (r for r in rows if r["net"] == net and r["variant"] == "diffusers eager fp32" and "images_per_s" in r), None)
+        base = next((r for v in ("diffusers eager bf16", "diffusers eager fp16", "diffusers eager fp32")
+                     for r in rows if r["net"] == net and r["variant"] == v and "images_per_s" in r), None)
         for r in rows:
             if r["net"] == net and base and "images_per_s" in r:
                 r["vs_diffusers"] = r["images_per_s"] / base["images_per_s"]
@@ -274,6 +287,8 @@ def main(argv=None) -> None:
     p.add_argument("--time-to-quality", default="", help="comma-separated wall-clock budgets in seconds")
     p.add_argument("--ttq-samples", type=int, default=1000)
     p.add_argument("--no-throughput", action="store_true", help="skip the throughput table")
+    p.add_argument("--fp16", action="store_true",
+                   help="run the bf16 variants in fp16 with loss scaling, as on a GPU without bf16 (a T4)")
     p.add_argument("--json", default=None, help="write every figure to this JSON file")
     args = p.parse_args(argv)
 
@@ -294,7 +309,8 @@ def main(argv=None) -> None:
     warmup = args.warmup or (15 if gpu else 2)
     env = environment(device)
     print(" | ".join(f"{k}: {v}" for k, v in env.items()))
-    rows = [] if args.no_throughput else run(device, nets, variants, {n: args.batch_size for n in nets}, steps, warmup)
+    rows = [] if args.no_throughput else run(device, nets, variants, {n: args.batch_size for n in nets},
+                                             steps, warmup, args.fp16)
     if rows:
         print()
         print(table(rows))
@@ -304,7 +320,7 @@ def main(argv=None) -> None:
         ttq = [v for v in ("diffusers eager bf16" if gpu else "diffusers eager fp32",
                            "ddpm_lib fast" if gpu else "ddpm_lib eager fp32") if v in variants]
         print(f"\ntime to quality: {ttq}, budgets {budgets} s")
-        result["time_to_quality"] = time_to_quality(device, budgets, args.batch_size, args.ttq_samples, ttq)
+        result["time_to_quality"] = time_to_quality(device, budgets, args.batch_size, args.ttq_samples, ttq, args.fp16)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=1, default=str)

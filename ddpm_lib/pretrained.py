@@ -1,7 +1,7 @@
 """Weights that ship with the book, and loading exported weights.
 
-``python -m ddpm_lib export`` writes a file that holds the EMA weights, the UNet's
-configuration and the schedule's betas; :func:`load_weights` reads it back with
+``python -m ddpm_lib export`` (or :func:`save_weights`) writes a file that holds the EMA
+weights, the UNet's configuration and the schedule's betas; :func:`load_weights` reads it back with
 ``torch.load(..., weights_only=True)`` (no pickled code is ever run). :func:`load_pretrained`
 loads a model that ships inside the package, after checking its sha256.
 """
@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from .schedules import NoiseSchedule
+from .train import save_checkpoint
 from .unet import UNet
 
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
@@ -59,6 +60,17 @@ def sha256(path) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
+
+
+def save_weights(model: UNet, schedule: NoiseSchedule, path, meta: dict | None = None) -> str:
+    """Write ``model``'s weights (usually the EMA model), its configuration and the schedule's
+    betas to ``path``, atomically, in the format :func:`load_weights` reads. Returns the sha256."""
+    if getattr(model, "config", None) is None:
+        raise ValueError("model has no .config: save_weights takes a ddpm_lib UNet")
+    blob = {"state_dict": {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()},
+            "model_config": model.config, "betas": schedule.float64("betas"), "meta": dict(meta or {})}
+    save_checkpoint(blob, path)
+    return sha256(path)
 
 
 def load_weights(path, device="cpu") -> tuple[UNet, NoiseSchedule, dict]:

@@ -21,9 +21,9 @@ from pathlib import Path
 import torch
 
 from ddpm_lib import autoencoder, data
-from ddpm_lib.pretrained import sha256
+from ddpm_lib.pretrained import save_weights, sha256
 from ddpm_lib.schedules import NoiseSchedule
-from ddpm_lib.train import save_checkpoint, train
+from ddpm_lib.train import train
 from ddpm_lib.unet import UNet, count_parameters
 
 SMALL = dict(base_channels=32, channel_mults=(1, 2, 2), num_res_blocks=1, attention_resolutions=(7,),
@@ -36,10 +36,7 @@ def budget_stop(seconds: float, start: float):
 
 
 def export(result, schedule, path: Path, meta: dict) -> str:
-    blob = {"state_dict": {k: v.cpu().contiguous() for k, v in result.ema_model.state_dict().items()},
-            "model_config": result.model.config, "betas": schedule.float64("betas"), "meta": meta}
-    save_checkpoint(blob, path)
-    return sha256(path)
+    return save_weights(result.ema_model, schedule, path, meta)
 
 
 def timed_train(model, schedule, images, budget, device, **kw):

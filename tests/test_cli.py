@@ -21,8 +21,11 @@ def test_train_export_sample(tmp_path):
     ckpt, weights = tmp_path / "run.pt", tmp_path / "w.pt"
     rc, out = cli("train", "--checkpoint", str(ckpt), "--steps", "2", "--log-every", "1", *TINY)
     assert rc == 0, out
-    rc, out = cli("train", "--checkpoint", str(ckpt), "--steps", "3", "--log-every", "1", *TINY)  # resumes
+    rc, out = cli("train", "--checkpoint", str(ckpt), "--steps", "3", "--log-every", "1", "--hflip", *TINY)  # resumes
     assert rc == 0 and "step 3" in out, out
+    assert torch.load(ckpt, weights_only=True)["config"]["hflip"] is True
+    rc, out = cli("train", "--checkpoint", str(tmp_path / "x.pt"), "--bf16", "on", "--fp16", "on", *TINY)
+    assert rc == 2 and "turn on one of them" in out, out
     rc, out = cli("export", str(ckpt), str(weights))
     assert rc == 0 and "sha256" in out, out
     model, schedule, meta = load_weights(weights)
@@ -55,10 +58,46 @@ def test_benchmark_runs_and_writes_its_table(tmp_path):
 
     from ddpm_lib import bench
     out = tmp_path / "bench.json"
-    bench.main(["--nets", "small", "--variants", "ddpm_lib eager fp32", "--steps", "1", "--warmup", "1",
-                "--batch-size", "4", "--json", str(out)])
+    bench.main(["--nets", "small", "--variants", "ddpm_lib eager fp32,ddpm_lib eager bf16", "--steps", "1",
+                "--warmup", "1", "--batch-size", "4", "--fp16", "--json", str(out)])
     result = json.loads(out.read_text())
-    row, = result["throughput"]
+    row, half = result["throughput"]
+    assert half["variant"] == "ddpm_lib eager fp16" and half["images_per_s"] > 0    # --fp16 renames it
     assert row["variant"] == "ddpm_lib eager fp32" and row["params"] == 1_112_801
     assert row["images_per_s"] > 0 and row["ms_per_eval"] > 0 and row["tflops_per_s"] > 0
     assert result["environment"]["device"] == "cpu"
+
+
+@pytest.mark.parametrize("capability, expected", [((9, 0), ("ddpm_lib fast", True, None)),
+                                                  ((7, 5), ("ddpm_lib fast (fp16)", False, True))])
+def test_benchmark_variants_without_bf16(monkeypatch, capability, expected):
+    """On a T4 (no bf16) the bf16 variants run in fp16 with loss scaling, and say so."""
+    from ddpm_lib import bench
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    name, kind, fast = bench.variant("ddpm_lib fast", torch.device("cuda", 0))
+    assert (name, fast["bf16"], fast.get("fp16")) == expected and kind == "ddpm_lib"
+    name, _, fast = bench.variant("diffusers eager bf16", torch.device("cuda", 0))
+    assert name == ("diffusers eager fp16" if capability < (8, 0) else "diffusers eager bf16")
+    assert bench.variant("ddpm_lib eager fp32", torch.device("cuda", 0))[0] == "ddpm_lib eager fp32"
+    assert bench.variant("ddpm_lib fast", torch.device("cpu"))[2]["bf16"] is True     # CPUs compute bf16
+    # --fp16: the T4's configuration on any device
+    name, _, fast = bench.variant("ddpm_lib eager bf16", torch.device("cpu"), fp16=True)
+    assert name == "ddpm_lib eager fp16" and fast["fp16"] and not fast["bf16"]
+
+
+def test_save_weights_round_trip(tmp_path):
+    from ddpm_lib import NoiseSchedule
+    from ddpm_lib.pretrained import save_weights, sha256
+    from ddpm_lib.unet import UNet
+    torch.manual_seed(0)
+    model = UNet(base_channels=16, channel_mults=(1, 2), num_res_blocks=1, attention_resolutions=())
+    schedule = NoiseSchedule.cosine(T=40)
+    path = tmp_path / "w.pt"
+    digest = save_weights(model, schedule, path, {"step": 7})
+    assert digest == sha256(path)
+    loaded, loaded_schedule, meta = load_weights(path)
+    assert meta == {"step": 7} and torch.equal(loaded_schedule.betas, schedule.betas)
+    for a, b in zip(model.state_dict().values(), loaded.state_dict().values()):
+        assert torch.equal(a, b)
+    with pytest.raises(ValueError, match="UNet"):
+        save_weights(torch.nn.Linear(2, 2), schedule, tmp_path / "x.pt")
