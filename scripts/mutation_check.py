@@ -90,6 +90,13 @@ MUTATIONS = [
     ("KID: biased estimate (keep the diagonal)", "ddpm_lib/metrics.py",
      "sum_xx = k_xx.sum() - k_xx.diagonal().sum()",
      "sum_xx = k_xx.sum()"),
+    ("fp16 resume: loss scale not restored", "ddpm_lib/train.py",
+     "            scaler.load_state_dict(state[\"scaler\"])\n", "            pass\n"),
+    ("hflip: never flips", "ddpm_lib/train.py",
+     "x0 = torch.where(flip[shard].to(device).view(-1, 1, 1, 1), x0.flip(-1), x0)", "x0 = x0"),
+    ("trusted_inputs does not switch the value checks off", "ddpm_lib/checks.py",
+     "return not torch.compiler.is_compiling() and not _trusted.get()",
+     "return not torch.compiler.is_compiling()"),
 ]
 
 

@@ -198,19 +198,22 @@ def test_fp16_with_loss_scaling_follows_the_float32_curve(small_images):
 
 
 def test_fp16_resume_restores_the_loss_scale(small_images, tmp_path, monkeypatch):
-    """A huge initial scale makes the first steps overflow: the scaler skips them and halves
-    the scale each time. A resumed run must continue with the reduced scale, not start over."""
-    monkeypatch.setattr(torch.amp, "GradScaler", functools.partial(torch.amp.GradScaler, init_scale=2.0 ** 60))
+    """A large initial scale makes the first steps overflow: the scaler skips them and halves
+    the scale each time (measured: 2^20 falls to 2^16 in the first 6 steps). A resumed run must
+    continue with the reduced scale; starting over at 2^20 would skip steps again."""
+    monkeypatch.setattr(torch.amp, "GradScaler", functools.partial(torch.amp.GradScaler, init_scale=2.0 ** 20))
     schedule = NoiseSchedule.linear(T=100)
     kw = dict(batch_size=8, lr=1e-3, log_every=2, progress=False, fp16=True)
     straight = train(tiny_unet(), schedule, small_images, steps=10, **kw)
     ckpt = tmp_path / "run.pt"
     train(tiny_unet(), schedule, small_images, steps=6, checkpoint=ckpt, **kw)
     scale = load_checkpoint(ckpt)["scaler"]["scale"]
-    assert 1.0 < scale < 2.0 ** 60                                 # overflows were met and skipped
+    assert 1.0 < scale < 2.0 ** 20                                 # overflows were met and skipped
     resumed = train(tiny_unet(), schedule, small_images, steps=10, checkpoint=ckpt, **kw)
     for a, b in zip(straight.model.state_dict().values(), resumed.model.state_dict().values()):
         assert torch.equal(a, b)
+    start = tiny_unet().state_dict()
+    assert not all(torch.equal(start[k], v) for k, v in straight.model.state_dict().items())  # steps were taken
 
 
 def test_horizontal_flips(fashion, monkeypatch):
