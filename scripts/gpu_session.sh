@@ -51,7 +51,7 @@ timeout "${limits[0]}" python3 -m ddpm_lib.bench --nets $net --steps $steps --wa
 
 stage "2: float16 with loss scaling (a T4's configuration)"
 timeout "${limits[1]}" python3 -m ddpm_lib.bench --nets small --steps $steps --warmup $warmup --batch-size $batch \
-    --variants "ddpm_lib eager fp32,ddpm_lib eager bf16,ddpm_lib fast" --fp16 --json "$OUT/bench_fp16.json"
+    --variants "diffusers eager bf16,ddpm_lib eager fp32,ddpm_lib eager bf16,ddpm_lib fast" --fp16 --json "$OUT/bench_fp16.json"
 
 stage "3: DDIM and DPM-Solver++ beyond 100 steps"
 timeout "${limits[2]}" python3 scripts/sampler_sweep.py --parts floor,samplers --nfe $nfe --n $n \
