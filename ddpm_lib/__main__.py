@@ -45,8 +45,6 @@ def cmd_train(args) -> None:
     images, labels = data.load(args.data, "train", limit=args.limit)
     if "WORLD_SIZE" in os.environ and int(os.environ["WORLD_SIZE"]) > 1:   # started by torchrun
         device = init_distributed()
-        if distributed_info()[0] != 0:
-            args.no_progress = True
     else:
         device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     schedule = (NoiseSchedule.cosine(args.T) if args.schedule == "cosine" else NoiseSchedule.linear(args.T))
@@ -55,7 +53,9 @@ def cmd_train(args) -> None:
                  channel_mults=_ints(args.channel_mults), num_res_blocks=args.num_res_blocks,
                  attention_resolutions=_ints(args.attention_resolutions), dropout=args.dropout,
                  num_classes=10 if args.conditional else None, image_size=images.shape[-1])
-    print(f"{args.data}: {len(images)} images | UNet {count_parameters(model):,} parameters | {device}")
+    main_process = distributed_info()[0] == 0
+    if main_process:
+        print(f"{args.data}: {len(images)} images | UNet {count_parameters(model):,} parameters | {device}")
     config = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, warmup_steps=args.warmup_steps,
                          ema_decay=args.ema_decay, grad_clip=args.grad_clip, seed=args.seed,
                          checkpoint_every=args.checkpoint_every, log_every=args.log_every,
@@ -65,9 +65,13 @@ def cmd_train(args) -> None:
     start = time.time()
     result = train(model, schedule, images, config, labels=labels if args.conditional else None,
                    checkpoint=args.checkpoint, device=device, progress=not args.no_progress)
-    print(f"trained to step {result.step} in {time.time() - start:.0f} s this run; "
-          f"last loss {result.history['loss'][-1] if result.history['loss'] else float('nan'):.4f}; "
-          f"checkpoint {args.checkpoint}")
+    if main_process:
+        resumed = f"resumed from step {result.resumed_from}, " if result.resumed_from is not None else ""
+        print(f"{resumed}trained to step {result.step} in {time.time() - start:.0f} s this run; "
+              f"last loss {result.history['loss'][-1] if result.history['loss'] else float('nan'):.4f}; "
+              f"checkpoint {args.checkpoint}")
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
 
 
 def cmd_export(args) -> None:

@@ -5,9 +5,8 @@
     python -m ddpm_lib.bench --time-to-quality 30,60,120
 
 Everything is measured side by side in one process, on one device, so that the ratios hold
-even on a noisy machine. Both networks train through the same loop (:func:`ddpm_lib.train.train`:
-same data, batch, AdamW, EMA, clipping, loss); only the network and the fast-path settings
-differ. Two network sizes, each matched in parameters to a diffusers configuration:
+even on a noisy machine. Two network sizes, each matched in parameters to a diffusers
+configuration:
 
 * ``small``: the book's Fashion-MNIST network (1.1M parameters, 28x28x1);
 * ``cifar``: the DDPM paper's CIFAR-10 network (35.7M parameters, 32x32x3), 33x the FLOPs.
@@ -18,10 +17,11 @@ bf16, channels_last and ``torch.compile``. On a GPU without bf16 (T4, V100) the 
 run in fp16 with loss scaling instead, and are named so.
 
 For each it prints training throughput (images/s), the time of one network evaluation when
-sampling, peak GPU memory, and on a GPU the model-FLOPs utilisation (MFU): the FLOPs of a
-forward and backward pass (counted by ``torch.utils.flop_counter``) per second, over the
-GPU's dense 16-bit (bf16, or fp16 where there is no bf16) tensor-core peak. ``--time-to-quality`` trains the small networks for wall-clock
-budgets on Fashion-MNIST and scores DDIM samples with :mod:`ddpm_lib.metrics`.
+sampling (eager, with the variant's autocast only: no channels_last, no compile), peak GPU
+memory, and on a GPU the model-FLOPs utilisation (MFU): the FLOPs of that network's forward and
+backward pass (counted by ``torch.utils.flop_counter``) per second, over the GPU's dense 16-bit
+(bf16, or fp16 where there is no bf16) tensor-core peak. ``--time-to-quality`` trains the small
+networks for wall-clock budgets on Fashion-MNIST and scores DDIM samples with :mod:`ddpm_lib.metrics`.
 
 diffusers is needed only here: ``pip install diffusers``.
 """
@@ -38,7 +38,7 @@ import torch
 from . import data
 from .samplers import ddim_sample
 from .schedules import NoiseSchedule
-from .train import DEFAULT_COMPILE_MODE, train
+from .train import DEFAULT_COMPILE_MODE, gpu_has_bf16, train
 from .unet import UNet, count_parameters
 
 # Matched configurations: (ddpm_lib UNet kwargs, diffusers UNet2DModel kwargs, image shape)
@@ -59,9 +59,10 @@ NETS = {
 }
 
 # dense 16-bit tensor-core peak, FLOP/s, by a substring of the device name (vendor data
-# sheets): bf16, and fp16 for the T4 and V100, which have no bf16
-PEAK_16BIT = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L4": 121e12, "A10G": 125e12,
-             "T4": 65e12, "V100": 125e12}
+# sheets): bf16, and fp16 for the T4 and V100, which have no bf16. The first key contained in the
+# name wins, so the more specific names come first ("L40S" before "L4", "H100 PCIe" before "H100").
+PEAK_16BIT = {"H200": 989e12, "H100 PCIe": 756e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12,
+              "L4": 121e12, "A10G": 125e12, "T4": 65e12, "V100": 125e12}
 
 # The variants measured: name -> (network, fast-path settings for TrainConfig)
 EAGER_FP32 = dict(bf16=False, channels_last=False, compile=False)
@@ -80,8 +81,7 @@ def variant(name: str, device, fp16: bool = False) -> tuple[str, str, dict]:
     bf16 (compute capability < 8: T4, V100), or ``fp16=True``, runs the bf16 variants in fp16
     with loss scaling, under a name that says so."""
     kind, fast = VARIANTS[name]
-    no_bf16 = device.type == "cuda" and torch.cuda.get_device_capability(device)[0] < 8
-    if fast.get("bf16") and (fp16 or no_bf16):
+    if fast.get("bf16") and (fp16 or (device.type == "cuda" and not gpu_has_bf16(device))):
         fast = {**fast, "bf16": False, "fp16": True}
         name = name.replace("bf16", "fp16") if "bf16" in name else name + " (fp16)"
     return name, kind, fast
@@ -223,7 +223,7 @@ def run(device, nets, variants, batch_sizes, steps, warmup, fp16=False) -> list[
     rows = []
     for net in nets:
         B = batch_sizes[net]
-        flops = None
+        flops = {}     # per network kind: the two libraries' networks differ slightly
         for name in variants:
             name, kind, fast = variant(name, device, fp16)
             try:
@@ -234,9 +234,9 @@ def run(device, nets, variants, batch_sizes, steps, warmup, fp16=False) -> list[
             except Exception as e:  # one variant failing (say, compile) must not hide the others
                 row = dict(net=net, variant=name, batch=B, error=f"{type(e).__name__}: {e}"[:300])
             if "images_per_s" in row:
-                if flops is None:
-                    flops = train_flops(build(kind, net), NETS[net][2], B, device)
-                row["tflops_per_s"] = flops * row["images_per_s"] / B / 1e12
+                if kind not in flops:
+                    flops[kind] = train_flops(build(kind, net), NETS[net][2], B, device)
+                row["tflops_per_s"] = flops[kind] * row["images_per_s"] / B / 1e12
                 peak = peak_flops(device)
                 row["mfu"] = row["tflops_per_s"] * 1e12 / peak if peak else None
             rows.append(row)

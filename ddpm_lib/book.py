@@ -108,11 +108,14 @@ def result_path(name: str) -> Path:
         if path.is_file():
             return path
     target = Path("results") / name
+    partial = target.with_name(target.name + ".part")      # renamed only once complete
     try:
         import urllib.request
         target.parent.mkdir(exist_ok=True)
-        urllib.request.urlretrieve(RESULTS_URL + name, target)
+        urllib.request.urlretrieve(RESULTS_URL + name, partial)
+        partial.replace(target)
     except OSError as e:
+        partial.unlink(missing_ok=True)
         raise FileNotFoundError(f"results/{name} is not in this checkout and could not be downloaded "
                                 f"from {RESULTS_URL + name} ({e}); clone the repository and run from it") from e
     return target

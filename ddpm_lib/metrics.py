@@ -73,11 +73,14 @@ def as_float_images(images) -> Tensor:
     """Images as a float32 tensor (N, C, H, W) in [-1, 1].
 
     Accepts float tensors/arrays in [-1, 1] (clamped: samplers can overshoot a little) of
-    shape (N, C, H, W), or uint8 in 0..255 of shape (N, H, W) or (N, C, H, W).
+    shape (N, C, H, W), or uint8 in 0..255 of shape (N, H, W), (N, C, H, W) or, as
+    ``python -m ddpm_lib sample --npy`` writes colour images, (N, H, W, 3).
     """
     x = torch.as_tensor(images)
     if x.ndim == 3:
         x = x.unsqueeze(1)
+    if x.ndim == 4 and x.dtype == torch.uint8 and x.shape[-1] == 3 and x.shape[1] != 3:
+        x = x.permute(0, 3, 1, 2)            # channels last -> (N, 3, H, W)
     if x.ndim != 4:
         raise ValueError(f"images must have shape (N, C, H, W) or (N, H, W), got {tuple(x.shape)}")
     if x.dtype == torch.uint8:
@@ -195,14 +198,6 @@ def classifier_outputs(images, classifier: nn.Module | None = None, batch_size: 
     if not feats:
         raise ValueError("no images")
     return torch.cat(feats), torch.cat(probs)
-
-
-def classifier_extractor(classifier: nn.Module | None = None, device=None) -> Callable[[Tensor], Tensor]:
-    """The default feature extractor: images (B, 1, 28, 28) -> the classifier's penultimate
-    layer (B, 128), from the shipped classifier unless ``classifier`` is given."""
-    def extract(images: Tensor) -> Tensor:
-        return classifier_outputs(images, classifier, batch_size=len(images), device=device)[0]
-    return extract
 
 
 @torch.no_grad()

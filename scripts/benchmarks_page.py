@@ -94,9 +94,10 @@ def generated() -> str:
                   f"`python -m ddpm_lib.bench --nets small --steps {result['steps']} --warmup {result['warmup']} "
                   f"--batch-size 64` on a shared 2-core x86-64 machine, one torch thread "
                   f"(torch {env['torch']}, diffusers {env['diffusers']}, {env['date']}). The machine was loaded by "
-                  "other jobs: read the ratios, not the absolute figures. The last column times the network "
-                  "alone, without compilation, so *eager bf16* and *fast* run the same computation there; "
-                  "the gap between them is the load changing between the two measurements.", ""]
+                  "other jobs, enough to change a figure several-fold between two measurements: the last column "
+                  "times the network alone, without compilation, so *eager bf16* and *fast* run the same "
+                  "computation there, yet differ 4x. Treat these rows as a check that everything runs on a "
+                  "CPU, not as a speed comparison.", ""]
         lines += throughput_table(json_throughput_rows(result), "diffusers eager fp32", gpu=False)
         lines.append("")
     sweep = RESULTS / "sweep_h200.json"

@@ -117,7 +117,7 @@ def main() -> int:
     survived = tried = 0
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp) / "repo"
-        shutil.copytree(ROOT, work, ignore=shutil.ignore_patterns("_build", "runs", ".git", "checkpoints", "dist"))
+        shutil.copytree(ROOT, work, ignore=shutil.ignore_patterns("_build", "runs", ".git", ".gpu", "checkpoints", "dist"))
         env = {**os.environ, "PYTHONPATH": str(work), "DDPM_PROFILE": "smoke"}
         targets = ["tests", "--ignore=tests/test_book_build.py", "--ignore=tests/test_cli.py"]
         if args.chapters:

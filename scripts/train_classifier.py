@@ -18,26 +18,16 @@ from __future__ import annotations
 import argparse
 import datetime
 import shlex
-import sys
 import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from ddpm_lib.data import load  # noqa: E402
-from ddpm_lib.metrics import CLASSIFIER_FILE, FashionClassifier  # noqa: E402
-from ddpm_lib.pretrained import WEIGHTS_DIR, sha256  # noqa: E402
-
-
-@torch.no_grad()
-def accuracy(model: FashionClassifier, images: torch.Tensor, labels: torch.Tensor, batch_size: int = 1000) -> float:
-    model.eval()
-    predicted = torch.cat([model(images[s:s + batch_size]).argmax(1) for s in range(0, len(images), batch_size)])
-    return (predicted == labels).double().mean().item()
+from ddpm_lib.data import load
+from ddpm_lib.metrics import CLASSIFIER_FILE, FashionClassifier, classifier_accuracy
+from ddpm_lib.pretrained import WEIGHTS_DIR, sha256
+from ddpm_lib.train import save_checkpoint
 
 
 def main(argv=None) -> None:
@@ -76,9 +66,9 @@ def main(argv=None) -> None:
             schedule.step()
             total, n = total + loss.item() * len(idx), n + len(idx)
         print(f"epoch {epoch + 1}/{args.epochs}: train loss {total / n:.4f}, "
-              f"test accuracy {accuracy(model, x_test, y_test):.4f}, {time.perf_counter() - start:.0f} s", flush=True)
+              f"test accuracy {classifier_accuracy(x_test, y_test, model.eval()):.4f}, {time.perf_counter() - start:.0f} s", flush=True)
     seconds = time.perf_counter() - start
-    test_accuracy = accuracy(model, x_test, y_test)
+    test_accuracy = classifier_accuracy(x_test, y_test, model.eval())
 
     recipe = "python scripts/train_classifier.py " + " ".join(
         f"--{k.replace('_', '-')} {shlex.quote(str(v))}" for k, v in vars(args).items() if k != "out")
@@ -90,8 +80,7 @@ def main(argv=None) -> None:
                   data="Fashion-MNIST training split (60,000 images), accuracy on the test split (10,000)"),
     )
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(blob, out)
+    save_checkpoint(blob, out)            # atomically
     print(f"test accuracy {test_accuracy:.4f}; trained in {seconds:.0f} s on {args.threads} thread(s)")
     print(f"wrote {out} ({out.stat().st_size / 1e6:.2f} MB), sha256 {sha256(out)}")
 

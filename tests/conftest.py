@@ -1,10 +1,12 @@
 import os
+import pickle
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 
@@ -35,3 +37,27 @@ def book_build(tmp_path_factory):
     yield SimpleNamespace(returncode=result.returncode, output=result.stdout[-4000:] + result.stderr[-4000:],
                           html=out / "_build" / "html")
     shutil.rmtree(out, ignore_errors=True)
+
+
+def write_fake_cifar10(folder, per_batch=2, seed=0):
+    """CIFAR-10's python format (as torchvision downloads it): pickled dicts of uint8 rows of
+    3072 values, the 1024 red values of a 32x32 image first, then green, then blue."""
+    rng = np.random.default_rng(seed)
+    folder = folder / "cifar-10-batches-py"
+    folder.mkdir(parents=True)
+    batches = {}
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        rows = rng.integers(0, 256, (per_batch, 3072), dtype=np.uint8)
+        batch = {b"data": rows, b"labels": [int(v) for v in rng.integers(0, 10, per_batch)]}
+        with open(folder / name, "wb") as f:
+            pickle.dump(batch, f)
+        batches[name] = batch
+    return batches
+
+
+@pytest.fixture
+def fake_cifar10(tmp_path, monkeypatch):
+    """Two images per batch file in CIFAR-10's format, found through DDPM_DATA; the batches as written."""
+    batches = write_fake_cifar10(tmp_path / "cifar_data")
+    monkeypatch.setenv("DDPM_DATA", str(tmp_path / "cifar_data"))
+    return batches

@@ -101,26 +101,8 @@ def test_results_are_found_in_the_repository_or_fetched(tmp_path, monkeypatch):
         book.result_path("no_such_result.json")
 
 
-def write_fake_cifar10(folder, per_batch=2, seed=0):
-    """CIFAR-10's python format (as torchvision downloads it): pickled dicts of uint8 rows of
-    3072 values, the 1024 red values of a 32x32 image first, then green, then blue."""
-    import pickle
-    rng = np.random.default_rng(seed)
-    folder = folder / "cifar-10-batches-py"
-    folder.mkdir(parents=True)
-    batches = {}
-    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
-        rows = rng.integers(0, 256, (per_batch, 3072), dtype=np.uint8)
-        batch = {b"data": rows, b"labels": [int(v) for v in rng.integers(0, 10, per_batch)]}
-        with open(folder / name, "wb") as f:
-            pickle.dump(batch, f)
-        batches[name] = batch
-    return batches
-
-
-def test_cifar10_python_batches(tmp_path, monkeypatch):
-    batches = write_fake_cifar10(tmp_path)
-    monkeypatch.setenv("DDPM_DATA", str(tmp_path))
+def test_cifar10_python_batches(fake_cifar10):
+    batches = fake_cifar10
     x, y = data.load("cifar10", "train")
     assert x.shape == (10, 3, 32, 32) and x.dtype == torch.float32 and y.dtype == torch.int64
     first = batches["data_batch_1"][b"data"][0].astype(np.float64)

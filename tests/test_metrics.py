@@ -92,6 +92,9 @@ def test_fid_accepts_any_extractor(gen):
     u8 = ((x + 1) * 127.5).round().to(torch.uint8)
     assert torch.allclose(metrics.as_float_images(u8), x, atol=1 / 127.5)
     assert metrics.as_float_images(u8[:, 0]).shape == (40, 1, 28, 28)
+    rgb = (torch.arange(2 * 3 * 32 * 32) % 256).to(torch.uint8).reshape(2, 3, 32, 32)
+    channels_last = rgb.permute(0, 2, 3, 1).numpy()               # as `sample --npy` writes colour
+    assert torch.equal(metrics.as_float_images(channels_last), metrics.as_float_images(rgb))
 
 
 # ----------------------------------------------------------------------------- KID

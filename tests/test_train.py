@@ -61,11 +61,22 @@ def test_resume_matches_uninterrupted_run(fashion, tmp_path):
     assert again.resumed_from == 8 and again.history["loss"] == straight.history["loss"]
 
 
-def test_class_conditional_training_runs(fashion):
+def test_class_conditional_training_runs(fashion, monkeypatch):
     images, labels = fashion
-    model = small_unet(num_classes=10)
-    result = train(model, NoiseSchedule.linear(T=100), images, labels=labels, steps=3, batch_size=4, progress=False)
-    assert result.step == 3
+    seen = []
+
+    def recording_loss(model, schedule, x0, t, eps, y=None, **kw):
+        seen.append(y.clone())
+        return loss_simple(model, schedule, x0, t, eps, y=y, **kw)
+
+    loss_simple = diffusion.loss_simple
+    monkeypatch.setattr(diffusion, "loss_simple", recording_loss)
+    result = train(small_unet(num_classes=10), NoiseSchedule.linear(T=100), images, labels=labels, steps=20,
+                   batch_size=8, label_dropout=0.5, progress=False)
+    assert result.step == 20
+    # the labels reach the network, and label dropout replaces some of them by the null class 10
+    y = torch.cat(seen)
+    assert (y == 10).any() and (y < 10).any() and set(y.tolist()) <= set(labels.tolist()) | {10}
 
 
 def test_checkpoints_are_written_atomically(tmp_path, monkeypatch):
@@ -139,7 +150,8 @@ def test_fast_path_follows_the_plain_loss_curve(fashion):
     # their losses on the same batches drift apart a little (measured: at most 9% at 40 steps)
     assert ((a - b).abs() / a).max() < 0.15, (a, b)
     # the trained weights load into a plain model (no compile prefixes, ordinary layout)
-    assert small_unet().load_state_dict(fast.model.state_dict()) is not None
+    missing = small_unet().load_state_dict(fast.model.state_dict())
+    assert not missing.missing_keys and not missing.unexpected_keys
 
 
 def test_callback_stops_training(fashion):
@@ -193,7 +205,7 @@ def test_fp16_with_loss_scaling_follows_the_float32_curve(small_images):
     half = train(tiny_unet(), schedule, small_images, fp16=True, **kw)
     a, b = torch.tensor(plain.history["loss"]), torch.tensor(half.history["loss"])
     assert b[-1] < 0.5 * b[0]
-    assert ((a - b).abs() / a).max() < 0.15, (a, b)                # measured: under 0.1%
+    assert ((a - b).abs() / a).max() < 0.01, (a, b)                # measured: under 0.1%
     assert not torch.equal(next(plain.model.parameters()), next(half.model.parameters()))  # fp16 did round
 
 
@@ -208,7 +220,7 @@ def test_fp16_resume_restores_the_loss_scale(small_images, tmp_path, monkeypatch
     ckpt = tmp_path / "run.pt"
     train(tiny_unet(), schedule, small_images, steps=6, checkpoint=ckpt, **kw)
     scale = load_checkpoint(ckpt)["scaler"]["scale"]
-    assert 1.0 < scale < 2.0 ** 20                                 # overflows were met and skipped
+    assert 1.0 < scale <= 2.0 ** 19                                # overflows were met and skipped
     resumed = train(tiny_unet(), schedule, small_images, steps=10, checkpoint=ckpt, **kw)
     for a, b in zip(straight.model.state_dict().values(), resumed.model.state_dict().values()):
         assert torch.equal(a, b)
@@ -254,7 +266,7 @@ def test_no_host_reads_inside_the_training_loop(fashion, monkeypatch):
             return original(self, *args, **kw)
         monkeypatch.setattr(torch.Tensor, name, wrapper)
 
-    for name in ("__bool__", "item", "__float__", "__int__", "__index__", "tolist"):
+    for name in ("__bool__", "item", "__float__", "__int__", "__index__", "tolist", "cpu", "numpy"):
         counting(name)
     at_step = {}
 
