@@ -52,7 +52,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .train import save_checkpoint
+from .io import load_verified, save_checkpoint
 from .unet import UNet, _groups
 
 Tensor = torch.Tensor
@@ -365,17 +365,12 @@ def save_vae(vae: VAE, path) -> str:
 def load_vae(path, device="cpu", sha256: str | None = None) -> VAE:
     """Load a VAE written by :func:`save_vae` (in eval mode, ``scale_factor`` restored),
     with ``torch.load(..., weights_only=True)``. With ``sha256``, the file's digest is
-    checked first and a mismatch raises ``ValueError``."""
-    from .pretrained import sha256 as file_sha256
+    checked first and a mismatch raises ``ValueError``; so does an unreadable (empty,
+    truncated, foreign) file, naming it. A missing one raises ``FileNotFoundError``."""
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"no VAE file at {path}")
-    if sha256 is not None:
-        digest = file_sha256(path)
-        if digest != sha256:
-            raise ValueError(f"{path} has sha256 {digest}, expected {sha256}: the file is damaged or not "
-                             "the expected one")
-    blob = torch.load(path, map_location=device, weights_only=True)
+    blob = load_verified(path, sha256, map_location=device, what="VAE file",
+                         remedy="save it again with save_vae (or reinstall ddpm_lib for the "
+                                "shipped one)")
     if not isinstance(blob, dict) or blob.get("format") != FORMAT:
         raise ValueError(f"{path} is not a ddpm_lib VAE file (made by ddpm_lib.autoencoder.save_vae)")
     vae = VAE(**blob["config"]).to(device)

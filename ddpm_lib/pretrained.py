@@ -7,13 +7,10 @@ loads a model that ships inside the package, after checking its sha256.
 """
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 
-import torch
-
+from .io import FILE_KINDS, file_kind, load_verified, save_checkpoint, sha256
 from .schedules import NoiseSchedule
-from .train import save_checkpoint
 from .unet import UNet
 
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
@@ -53,15 +50,6 @@ PRETRAINED_VAE = dict(file="fashion_mnist_vae.pt",
                       recipe="python scripts/train_part3.py latent --vae-steps 3000 --out ddpm_lib/weights")
 
 
-def sha256(path) -> str:
-    """Hex sha256 of a file."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def save_weights(model: UNet, schedule: NoiseSchedule, path, meta: dict | None = None) -> str:
     """Write ``model``'s weights (usually the EMA model), its configuration and the schedule's
     betas to ``path``, atomically, in the format :func:`load_weights` reads. Returns the sha256."""
@@ -73,16 +61,35 @@ def save_weights(model: UNet, schedule: NoiseSchedule, path, meta: dict | None =
     return sha256(path)
 
 
-def load_weights(path, device="cpu") -> tuple[UNet, NoiseSchedule, dict]:
-    """Load an exported model: ``(model in eval mode, schedule, metadata)``."""
+def _not_weights_advice(path: Path, kind: str) -> str:
+    if kind == "checkpoint":
+        return f"export its EMA weights first: python -m ddpm_lib export {path} weights.pt"
+    if kind == "vae":
+        return "load it with ddpm_lib.autoencoder.load_vae"
+    return "pass a file made by `python -m ddpm_lib export` (or save_weights)"
+
+
+def load_weights(path, device="cpu", sha256: str | None = None) -> tuple[UNet, NoiseSchedule, dict]:
+    """Load an exported model: ``(model in eval mode, schedule, metadata)``.
+
+    With ``sha256``, the file's digest is checked first. A missing file raises
+    ``FileNotFoundError``; an unreadable one, or a file of another kind (a training
+    checkpoint, say), a ``ValueError`` that says what the file is and what to pass instead.
+    """
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"no weights file at {path}")
-    blob = torch.load(path, map_location=device, weights_only=True)
-    if not isinstance(blob, dict) or "state_dict" not in blob or "model_config" not in blob:
-        raise ValueError(f"{path} is not a ddpm_lib weights file (made by `python -m ddpm_lib export`)")
+    remedy = ("reinstall ddpm_lib or fetch the file again" if sha256 is not None
+              else "export it again (python -m ddpm_lib export CHECKPOINT OUT) or fetch it again")
+    blob = load_verified(path, sha256, map_location=device, what="weights file", remedy=remedy)
+    kind = file_kind(blob)
+    if kind != "weights":
+        raise ValueError(f"{path} is not a ddpm_lib weights file (made by `python -m ddpm_lib "
+                         f"export`): it is {FILE_KINDS[kind]}; {_not_weights_advice(path, kind)}")
     model = UNet(**blob["model_config"]).to(device)
-    model.load_state_dict(blob["state_dict"])
+    try:
+        model.load_state_dict(blob["state_dict"])
+    except RuntimeError as e:
+        raise ValueError(f"{path}: its weights do not fit the network its model_config "
+                         f"describes ({e})") from e
     return model.eval(), NoiseSchedule(blob["betas"], device=device), blob.get("meta", {})
 
 
@@ -91,12 +98,7 @@ def load_pretrained(name: str = "fashion_mnist_ddpm", device="cpu") -> tuple[UNe
     if name not in PRETRAINED:
         raise ValueError(f"no pretrained model {name!r}; available: {sorted(PRETRAINED) or 'none yet'}")
     entry = PRETRAINED[name]
-    path = WEIGHTS_DIR / entry["file"]
-    digest = sha256(path)
-    if digest != entry["sha256"]:
-        raise ValueError(f"{path} has sha256 {digest}, expected {entry['sha256']}: the file is damaged or "
-                         "not the shipped one; reinstall ddpm_lib or fetch the file again")
-    return load_weights(path, device)
+    return load_weights(WEIGHTS_DIR / entry["file"], device, sha256=entry["sha256"])
 
 
 def load_pretrained_vae(device="cpu"):

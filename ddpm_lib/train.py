@@ -10,13 +10,17 @@ average (EMA) of the weights with warm-up, gradient clipping, mixed precision on
 (bf16, or fp16 with loss scaling where the GPU has no bf16), random horizontal flips, a
 tqdm progress bar, a loss history, and checkpoints written atomically every N steps from
 which a run resumes exactly where it stopped (model, EMA, optimiser, step, RNG states).
+
+Nothing is lost: a checkpoint is written only when its weights are finite and give a finite
+loss (a diverging run keeps its last good checkpoint), a resumed run must use the settings its
+checkpoint was made with, and a lock file keeps two runs from writing the same checkpoint.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import os
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -25,6 +29,8 @@ from tqdm.auto import tqdm
 
 from . import diffusion
 from .checks import trusted_inputs
+from .io import FILE_KINDS, CheckpointBusy, acquire_lock, file_kind, release_lock
+from .io import load_checkpoint, save_checkpoint  # noqa: F401  (importable from here, as before)
 
 Tensor = torch.Tensor
 
@@ -129,35 +135,6 @@ class TrainResult:
     resumed_from: int | None = None
 
 
-def save_checkpoint(state: dict, path: str | os.PathLike) -> None:
-    """Write ``state`` with torch.save to a temporary file beside ``path``, then rename it
-    over ``path``: a crash mid-write never leaves a half-written checkpoint."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict:
-    """Read a checkpoint written by :func:`save_checkpoint` (tensors and plain Python only)."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"no checkpoint at {path}")
-    try:
-        return torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as e:  # a truncated or foreign file
-        raise ValueError(f"{path} is not a readable ddpm_lib checkpoint ({e}); delete it to start afresh") from e
-
-
 def _rng_state(gen_cpu: torch.Generator, gen_device: torch.Generator | None) -> dict:
     state = {"cpu_generator": gen_cpu.get_state(), "torch": torch.get_rng_state()}
     if gen_device is not None:
@@ -246,6 +223,191 @@ def init_distributed(backend: str | None = None) -> torch.device:
     return device
 
 
+# ----------------------------------------------------------------------------------------
+# Resuming: the checkpoint must belong to this run
+# ----------------------------------------------------------------------------------------
+# What a resumed run must share with its checkpoint, besides the network (its .config and
+# weight shapes) and the schedule (its betas). The batches, timesteps, noise, flips and label
+# dropout are drawn as in an uninterrupted run only with the same seed, batch_size, number of
+# images, hflip and label_dropout; and the checkpoint's EMA and optimiser carry ema_decay and
+# weight_decay, which a new value would silently not change. The other settings may change on
+# resume: steps, lr, warmup_steps, grad_clip, checkpoint_every, log_every and the fast-path
+# switches (bf16, fp16, channels_last, compile, data_on_device). The run then goes on from the
+# checkpoint as asked, but no longer bit for bit as one uninterrupted run would (changing
+# data_on_device, or the device, changes which generator draws the batches).
+RESUME_MUST_MATCH = ("seed", "batch_size", "hflip", "label_dropout", "ema_decay", "weight_decay")
+
+
+def _plain(value):
+    """Tuples as lists (in dicts too), so that a configuration compares equal after a save
+    and a load."""
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+def _betas_text(betas: Tensor) -> str:
+    return f"T={betas.numel()}, betas {betas[0].item():.4g} .. {betas[-1].item():.4g}"
+
+
+def _network_differences(state: dict, model) -> list[str]:
+    """Lines ``network <key>: checkpoint <a>, this run <b>`` for the model's .config, or, for
+    a model without one, the weights whose names or shapes differ."""
+    saved, now = state.get("model_config"), getattr(model, "config", None)
+    if saved is not None and now is not None:
+        saved, now = _plain(saved), _plain(now)
+        return [f"network {key}: checkpoint {saved.get(key)}, this run {now.get(key)}"
+                for key in sorted(saved.keys() | now.keys()) if saved.get(key) != now.get(key)]
+    shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    saved_shapes = {k: tuple(v.shape) for k, v in state["model"].items()}
+    differing = sorted(k for k in shapes.keys() | saved_shapes.keys()
+                       if shapes.get(k) != saved_shapes.get(k))
+    if not differing:
+        return []
+    k = differing[0]
+    return [f"network weights: {len(differing)} differ in name or shape, e.g. {k}: checkpoint "
+            f"{saved_shapes.get(k, 'absent')}, this run {shapes.get(k, 'absent')}"]
+
+
+def _resume_differences(state: dict, model, schedule, images: Tensor, labels: Tensor | None,
+                        config: TrainConfig) -> list[str]:
+    """Every way this run differs from the run that wrote ``state``, one line each (see
+    :data:`RESUME_MUST_MATCH`); an empty list where it may resume."""
+    found = []
+    saved_betas, betas = state["betas"].double().cpu(), schedule.float64("betas")
+    if saved_betas.shape != betas.shape or not torch.equal(saved_betas, betas):
+        found.append(f"schedule: checkpoint {_betas_text(saved_betas)}, "
+                     f"this run {_betas_text(betas)}")
+    found += _network_differences(state, model)
+    saved_run = state.get("config") or {}
+    for key in RESUME_MUST_MATCH:
+        if key == "label_dropout" and labels is None:
+            continue                                # no labels, nothing dropped
+        if key in saved_run and saved_run[key] != getattr(config, key):
+            found.append(f"{key}: checkpoint {saved_run[key]!r}, this run {getattr(config, key)!r}")
+    if "num_images" in state and state["num_images"] != images.shape[0]:
+        found.append(f"number of images: checkpoint {state['num_images']}, "
+                     f"this run {images.shape[0]}")
+    return found
+
+
+def _read_resumable(checkpoint, model, schedule, images: Tensor, labels: Tensor | None,
+                    config: TrainConfig) -> dict:
+    """Load ``checkpoint`` (on the CPU) and check that this run may resume from it: a
+    training checkpoint, made with the same network, schedule and drawing settings."""
+    state = load_checkpoint(checkpoint, map_location="cpu")
+    kind = file_kind(state)
+    if kind != "checkpoint":
+        hint = (" (to go on with the run it was exported from, pass that run's checkpoint)"
+                if kind == "weights" else "")
+        raise ValueError(f"{checkpoint} is {FILE_KINDS[kind]}, not a training checkpoint: it "
+                         "holds no optimiser state or step to resume from. Pass a new checkpoint "
+                         f"path to train afresh{hint}")
+    differences = _resume_differences(state, model, schedule, images, labels, config)
+    if differences:
+        raise ValueError(f"{checkpoint} (step {state['step']}) was made by a run with other "
+                         "settings:\n  " + "\n  ".join(differences)
+                         + "\nResume with the checkpoint's settings, or pass another checkpoint "
+                           "path to start a new run with these.")
+    return state
+
+
+# ----------------------------------------------------------------------------------------
+# Weights worth keeping: finite, and a finite loss
+# ----------------------------------------------------------------------------------------
+def _probe_batch(images: Tensor, labels: Tensor | None, schedule, device, n: int = 4) -> tuple:
+    """A fixed batch ``(x0, t, eps, y)`` to check weights on: the first ``n`` images (n, C, H,
+    W), timesteps spread over 0..T-1 (n,), noise from a private generator (so the training's
+    random streams are untouched and a resumed run stays exact), their labels or None."""
+    n = min(n, images.shape[0])
+    x0 = images[:n].to(device, torch.float32)
+    t = torch.linspace(0, schedule.T - 1, n).round().long().to(device)
+    eps = torch.randn(x0.shape, generator=torch.Generator().manual_seed(0)).to(device)
+    y = labels[:n].to(device) if labels is not None else None
+    return x0, t, eps, y
+
+
+@torch.no_grad()
+def _probe_loss(model: torch.nn.Module, schedule, probe: tuple) -> float:
+    """L_simple of ``model`` on the probe batch, in float32 and in eval mode (no dropout, so no
+    random numbers are drawn). One host read."""
+    was_training = model.training
+    model.eval()
+    try:
+        return diffusion.loss_simple(model, schedule, *probe).item()
+    finally:
+        model.train(was_training)
+
+
+def _all_finite(tensors, device) -> bool:
+    """Whether every float tensor in ``tensors`` is finite, with one host read."""
+    flags = [v.isfinite().all().to(device) for v in tensors if v.is_floating_point()]
+    return bool(torch.stack(flags).all()) if flags else True
+
+
+def _largest_weight(model: torch.nn.Module) -> float:
+    return max(p.detach().abs().max().item() for p in model.parameters())
+
+
+def _unusable_weights(model, ema: EMA, optimizer, schedule, probe: tuple, device) -> str | None:
+    """Why the state of a run is not worth a checkpoint (non-finite tensors, or a non-finite
+    loss on the probe batch, model or EMA), or None when it is. Reads the device: call it only
+    where a checkpoint is saved or loaded."""
+    optimizer_state = [v for per_parameter in optimizer.state.values()
+                       for v in per_parameter.values() if torch.is_tensor(v)]
+    groups = (("the model's weights", model.state_dict().values()),
+              ("the EMA's weights", ema.model.state_dict().values()),
+              ("the optimiser's state", optimizer_state))
+    for name, tensors in groups:
+        if not _all_finite(list(tensors), device):
+            return f"{name} hold NaN or infinite values"
+    for name, net in (("the model", model), ("the EMA model", ema.model)):
+        loss = _probe_loss(net, schedule, probe)
+        if not math.isfinite(loss):
+            return (f"{name}'s weights are finite (largest |w| {_largest_weight(net):.3g}) but "
+                    f"give a {loss} loss on a fixed batch")
+    return None
+
+
+# ----------------------------------------------------------------------------------------
+# One run per checkpoint
+# ----------------------------------------------------------------------------------------
+def _all_processes_agree(ok: bool, device: torch.device) -> bool:
+    """Under DDP, whether ``ok`` holds on every process (one all-reduce); else ``ok``."""
+    if distributed_info()[1] == 1:
+        return ok
+    on = device if torch.distributed.get_backend() == "nccl" else torch.device("cpu")
+    flag = torch.tensor([int(ok)], device=on)
+    torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)
+    return bool(flag.item())
+
+
+@contextlib.contextmanager
+def _checkpoint_held(checkpoint, device: torch.device):
+    """Hold the lock of ``checkpoint`` (``<checkpoint>.lock``, see :func:`ddpm_lib.io.acquire_lock`)
+    for the run: rank 0 takes it, and under DDP every process learns whether it did. Taking it
+    is also the up-front check that checkpoints can be written there."""
+    if checkpoint is None:
+        yield
+        return
+    lock, error = None, None
+    if distributed_info()[0] == 0:
+        try:
+            lock = acquire_lock(checkpoint)
+        except (OSError, ValueError, CheckpointBusy) as e:
+            error = e
+    if not _all_processes_agree(error is None, device):
+        raise error or CheckpointBusy(f"process 0 could not take the lock of {checkpoint}; "
+                                      "see its message")
+    try:
+        yield
+    finally:
+        if lock is not None:
+            release_lock(lock)
+
+
 def train(model: torch.nn.Module, schedule, images: Tensor, config: TrainConfig | None = None, *,
           labels: Tensor | None = None, checkpoint: str | os.PathLike | None = None,
           resume: bool = True, device=None, progress: bool = True, check_range: bool = True,
@@ -263,15 +425,28 @@ def train(model: torch.nn.Module, schedule, images: Tensor, config: TrainConfig 
     several processes it must give the same answer on all of them (decide from ``step``, not
     from a clock), or the others wait for ever at the next all-reduce.
 
+    Checkpoints, before any training: the run takes the lock file ``<checkpoint>.lock``
+    (another live run on the same checkpoint raises :class:`ddpm_lib.io.CheckpointBusy`; an
+    unwritable folder an ``OSError``), and a checkpoint to resume from must be a training
+    checkpoint made with the same network, schedule and drawing settings
+    (:data:`RESUME_MUST_MATCH`; ``ValueError`` listing every difference), whose weights are
+    finite and give a finite loss. Before each save the weights (model and EMA) and the
+    optimiser's state must be finite and give a finite loss on a fixed batch; if not, the
+    checkpoint is not overwritten and ``FloatingPointError`` names the last good one. A loss
+    that becomes NaN or infinite raises ``FloatingPointError`` at the next logged step.
+
     On a CUDA GPU the fast path is on by default (see :class:`TrainConfig`): bf16 autocast
-    (fp16 with a GradScaler on GPUs without bf16), channels_last, the dataset kept on the GPU, fused AdamW, a multi-tensor EMA update,
-    ``torch.compile`` of the loss, and no host-device synchronisation between logged steps.
+    (fp16 with a GradScaler on GPUs without bf16), channels_last, the dataset kept on the GPU,
+    fused AdamW, a multi-tensor EMA update, ``torch.compile`` of the loss, and no host-device
+    synchronisation between logged steps (the checks above run only where a checkpoint is
+    saved or loaded).
 
     Several processes (``torchrun``; call :func:`init_distributed` first) train one model
     with DistributedDataParallel: every process draws the same global batch of
     ``batch_size`` images, timesteps and noise from the same seeded generators and keeps its
     own slice of it, so the averaged gradient is the one a single process would compute on
-    the whole batch. Every process keeps the EMA; rank 0 alone writes checkpoints.
+    the whole batch. Every process keeps the EMA; rank 0 alone writes checkpoints and holds
+    the lock.
     """
     config = TrainConfig(**{**(asdict(config) if config else {}), **overrides})
     _check_data(images, labels, model, check_range)
@@ -281,6 +456,19 @@ def train(model: torch.nn.Module, schedule, images: Tensor, config: TrainConfig 
     device = torch.device(device) if device is not None else next(model.parameters()).device
     if device.type == "cuda" and device.index is None:      # "cuda" means the current GPU
         device = torch.device("cuda", torch.cuda.current_device())
+    with _checkpoint_held(checkpoint, device):
+        state = None
+        if checkpoint is not None and resume and Path(checkpoint).exists():
+            state = _read_resumable(checkpoint, model, schedule, images, labels, config)
+        return _train(model, schedule, images, labels, config, state, checkpoint, device,
+                      progress, callback)
+
+
+def _train(model, schedule, images: Tensor, labels: Tensor | None, config: TrainConfig,
+           state: dict | None, checkpoint, device: torch.device, progress: bool,
+           callback) -> TrainResult:
+    """The training loop of :func:`train`, from ``state`` (a checked checkpoint) or afresh."""
+    rank, world = distributed_info()
     fast = _resolve_fast_path(config, device)
     model.to(device)
     if fast["channels_last"]:
@@ -312,10 +500,12 @@ def train(model: torch.nn.Module, schedule, images: Tensor, config: TrainConfig 
     sum_by_t = torch.zeros(schedule.T, dtype=stat_dtype, device=device)
     count_by_t = torch.zeros(schedule.T, dtype=stat_dtype, device=device)
     step, resumed_from = 0, None
+    last_good = None                # the step of the last checkpoint known good, for the messages
+    probe = _probe_batch(images, labels, schedule, device)
 
-    if checkpoint is not None and resume and Path(checkpoint).exists():
-        # on the CPU: the generator states must stay CPU tensors; load_state_dict moves the rest
-        state = load_checkpoint(checkpoint, map_location="cpu")
+    if state is not None:
+        # loaded on the CPU: the generator states must stay CPU tensors; load_state_dict moves
+        # the rest
         model.load_state_dict(state["model"])
         ema.load_state_dict(state["ema"])
         optimizer.load_state_dict(state["optimizer"])
@@ -327,6 +517,12 @@ def train(model: torch.nn.Module, schedule, images: Tensor, config: TrainConfig 
         _set_rng_state(state["rng"], gen_cpu, gen_device)
         if world > 1:     # the global state saved is rank 0's: give each process its own dropout masks again
             torch.manual_seed(config.seed + rank + world * step)
+        problem = _unusable_weights(model, ema, optimizer, schedule, probe, device)
+        if problem:
+            raise ValueError(f"{checkpoint} (step {step}) cannot be resumed: {problem}. It was "
+                             "saved by a run that diverged; resume from an earlier copy, or delete "
+                             "it and train afresh with a lower lr")
+        last_good = step
 
     net = model
     if world > 1:
@@ -345,6 +541,16 @@ def train(model: torch.nn.Module, schedule, images: Tensor, config: TrainConfig 
             torch.distributed.all_reduce(x)
         return x
 
+    def what_to_do() -> str:
+        """Where to go on from after training diverged."""
+        remedy = f"a lower lr (now {config.lr})"
+        if config.grad_clip is None:
+            remedy += " or grad_clip on"
+        if checkpoint is None or last_good is None:
+            return f"no checkpoint of this run was written: train afresh with {remedy}"
+        return (f"the last good checkpoint is step {last_good} in {checkpoint}: resume from it "
+                f"with {remedy}")
+
     def flush_history() -> None:
         """Move the losses and per-timestep sums to ``history`` (one synchronisation)."""
         nonlocal running
@@ -354,7 +560,7 @@ def train(model: torch.nn.Module, schedule, images: Tensor, config: TrainConfig 
             if not torch.isfinite(losses).all():
                 bad = step - len(running) + int((~torch.isfinite(losses)).nonzero()[0])
                 raise FloatingPointError(f"the loss became {losses[~torch.isfinite(losses)][0].item()} at step "
-                                         f"{bad + 1}; lower lr (now {config.lr}) or keep grad_clip on")
+                                         f"{bad + 1}; {what_to_do()}")
             running = [losses[i] for i in range(len(losses))]
         history["loss_sum_by_t"] += reduced(sum_by_t).cpu().double()
         history["count_by_t"] += reduced(count_by_t).cpu().double()
@@ -365,12 +571,21 @@ def train(model: torch.nn.Module, schedule, images: Tensor, config: TrainConfig 
         return {"model": model.state_dict(), "ema": ema.state_dict(), "optimizer": optimizer.state_dict(),
                 "scaler": scaler.state_dict(), "step": step, "history": history, "running": [float(r) for r in running],
                 "rng": _rng_state(gen_cpu, gen_device), "config": asdict(config),
-                "model_config": getattr(model, "config", None), "betas": schedule.float64("betas")}
+                "model_config": getattr(model, "config", None), "betas": schedule.float64("betas"),
+                "num_images": images.shape[0]}
 
     def save() -> None:
+        """Write a checkpoint, if the weights are worth one (every process checks, so that all
+        of them stop together when they are not)."""
+        nonlocal last_good
         flush_history()
+        problem = _unusable_weights(model, ema, optimizer, schedule, probe, device)
+        if problem:
+            raise FloatingPointError(f"after step {step} {problem}: training diverged, so "
+                                     f"{checkpoint} was not overwritten; {what_to_do()}")
         if rank == 0:
             save_checkpoint(checkpoint_state(), checkpoint)
+        last_good = step
         if world > 1:
             torch.distributed.barrier()     # nobody runs ahead of a checkpoint being written
 

@@ -21,9 +21,10 @@ def test_train_export_sample(tmp_path):
     ckpt, weights = tmp_path / "run.pt", tmp_path / "w.pt"
     rc, out = cli("train", "--checkpoint", str(ckpt), "--steps", "2", "--log-every", "1", *TINY)
     assert rc == 0, out
-    rc, out = cli("train", "--checkpoint", str(ckpt), "--steps", "3", "--log-every", "1", "--hflip", *TINY)  # resumes
+    rc, out = cli("train", "--checkpoint", str(ckpt), "--steps", "3", "--log-every", "1",
+                  "--lr", "1e-4", *TINY)                                # resumes, at a new lr
     assert rc == 0 and "resumed from step 2, trained to step 3" in out, out
-    assert torch.load(ckpt, weights_only=True)["config"]["hflip"] is True
+    assert torch.load(ckpt, weights_only=True)["config"]["lr"] == 1e-4
     rc, out = cli("train", "--checkpoint", str(tmp_path / "x.pt"), "--bf16", "on", "--fp16", "on", *TINY)
     assert rc == 2 and "turn on one of them" in out, out
     rc, out = cli("export", str(ckpt), str(weights))
@@ -121,3 +122,92 @@ def test_cifar10_recipe_end_to_end_on_fake_data(tmp_path, fake_cifar10):
                   "--out", "", "--npy", str(npy))
     assert rc == 0, out
     assert np.load(npy).shape == (2, 32, 32, 3)
+
+
+# ----------------------------------------------------------------------------------------
+# Bad input and faults: a usage error or a message that says what to do, never a traceback
+# ----------------------------------------------------------------------------------------
+def run_main(capsys, *args):
+    """``python -m ddpm_lib ARGS`` in this process (faster than a subprocess):
+    (exit code, output)."""
+    from ddpm_lib.__main__ import main
+    try:
+        main([str(a) for a in args])
+        code = 0
+    except SystemExit as e:
+        code = e.code
+    captured = capsys.readouterr()
+    return code, captured.out + captured.err
+
+
+@pytest.mark.parametrize("args, flag", [
+    (["train", "--checkpoint", "x.pt", "--device", "nonsense"], "--device"),
+    (["train", "--checkpoint", "x.pt", "--threads", "-1"], "--threads"),
+    (["export", "a.pt", "b.pt", "--meta", "{not json"], "--meta"),
+    (["export", "a.pt", "b.pt", "--meta", "[1, 2]"], "--meta"),
+    (["sample", "--weights", "w.pt", "--out", "x.txt"], "--out"),
+    (["sample", "--weights", "w.pt", "--npy", "x.png"], "--npy"),
+    (["sample", "--weights", "w.pt", "--steps", "5"], "--steps"),
+    (["sample", "--weights", "w.pt", "--sampler", "ddpm", "--eta", "0.5"], "--eta"),
+    (["sample", "--weights", "w.pt", "--n", "0"], "--n"),
+    (["sample", "--weights", "w.pt", "--device", "cuda:99"], "--device"),
+], ids=lambda v: " ".join(v) if isinstance(v, list) else v)
+def test_bad_flags_are_usage_errors(capsys, args, flag):
+    code, out = run_main(capsys, *args)
+    assert code == 2 and flag in out and "Traceback" not in out, out
+
+
+def test_wrong_or_unreadable_files_are_named(tmp_path, capsys):
+    from ddpm_lib import NoiseSchedule
+    from ddpm_lib.io import save_checkpoint
+    from ddpm_lib.pretrained import save_weights
+    from ddpm_lib.unet import UNet
+    torch.manual_seed(0)
+    weights, checkpoint = tmp_path / "w.pt", tmp_path / "run.pt"
+    net = UNet(base_channels=8, channel_mults=(1, 2), num_res_blocks=1, attention_resolutions=())
+    save_weights(net, NoiseSchedule.linear(T=10), weights)
+    save_checkpoint({"model": {}, "ema": {}, "optimizer": {}, "step": 1, "config": {}}, checkpoint)
+    bad = tmp_path / "bad.pt"
+    for content in (b"", np.random.default_rng(0).bytes(4096), weights.read_bytes()[:3000]):
+        bad.write_bytes(content)
+        code, out = run_main(capsys, "sample", "--weights", bad)
+        assert code == 2 and f"{bad} is not a readable ddpm_lib weights file" in out, out
+    code, out = run_main(capsys, "sample", "--weights", checkpoint)
+    assert code == 2 and (f"training checkpoint (written by ddpm_lib.train); export its EMA "
+                          f"weights first: python -m ddpm_lib export {checkpoint}") in out, out
+    code, out = run_main(capsys, "export", weights, tmp_path / "again.pt")
+    assert code == 2 and (f"already an exported weights file: sample from it with "
+                          f"`python -m ddpm_lib sample --weights {weights}`") in out, out
+    code, out = run_main(capsys, "train", "--checkpoint", weights, "--steps", "1", *TINY)
+    assert code == 2 and "is an exported weights file" in out and "new checkpoint path" in out, out
+
+
+def test_divergence_resume_settings_and_a_busy_checkpoint(tmp_path, capsys):
+    """The run of the bug report: lr 1e6 with a checkpoint every step."""
+    ckpt = tmp_path / "run.pt"
+    train_args = ["train", "--checkpoint", ckpt, "--log-every", "1", "--checkpoint-every", "1",
+                  *TINY]
+    code, out = run_main(capsys, *train_args, "--steps", "4", "--lr", "1e6")
+    assert code == 1 and "not overwritten; no checkpoint of this run was written" in out, out
+    assert not ckpt.exists()
+    code, out = run_main(capsys, *train_args, "--steps", "2", "--lr", "2e-4")
+    assert code == 0 and ckpt.exists(), out
+    # a resume with another schedule or other flips is refused, naming what differs
+    code, out = run_main(capsys, *train_args, "--steps", "3", "--schedule", "cosine", "--hflip")
+    assert code == 2 and "schedule: checkpoint T=50, betas 0.0001 .. 0.02, this run T=50" in out, \
+        out
+    assert "hflip: checkpoint False, this run True" in out and "resumed" not in out, out
+    code, out = run_main(capsys, *train_args, "--steps", "3", "--lr", "1e6")
+    assert code == 1 and f"the last good checkpoint is step 2 in {ckpt}" in out, out
+    # another live run holds the checkpoint
+    import socket
+    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        (tmp_path / "run.pt.lock").write_text(f"{holder.pid} {socket.gethostname()}\n")
+        code, out = run_main(capsys, *train_args, "--steps", "3")
+        assert code == 1 and f"in use by another run (process {holder.pid}" in out, out
+    finally:
+        holder.kill()
+        holder.wait()
+    code, out = run_main(capsys, *train_args, "--steps", "3")
+    assert code == 0 and "resumed from step 2, trained to step 3" in out, out

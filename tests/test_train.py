@@ -1,5 +1,7 @@
 import functools
 import os
+import re
+import subprocess
 import sys
 
 import pytest
@@ -9,6 +11,7 @@ import torch.nn.functional as F
 from ddpm_lib import NoiseSchedule, diffusion
 from ddpm_lib.checks import check_values, trusted_inputs
 from ddpm_lib.data import load
+from ddpm_lib.io import CheckpointBusy
 from ddpm_lib.train import EMA, TrainConfig, _resolve_fast_path, load_checkpoint, save_checkpoint, train
 from ddpm_lib.unet import UNet
 
@@ -293,3 +296,183 @@ def test_trusted_inputs_switches_value_checks_off():
     assert check_values()
     with pytest.raises(ValueError, match="timesteps must lie"):
         schedule.check_t(bad_t)
+
+
+# ----------------------------------------------------------------------------------------
+# Nothing lost: no poisoned checkpoint, no silent resume with other settings, one run per file
+# ----------------------------------------------------------------------------------------
+def weights_give_finite_loss(weights: dict) -> bool:
+    model = tiny_unet().eval()
+    model.load_state_dict(weights)
+    x0 = torch.rand((4, 1, 12, 12), generator=torch.Generator().manual_seed(1)) * 2 - 1
+    t = torch.tensor([0, 5, 10, 19])
+    with torch.no_grad():
+        loss = diffusion.loss_simple(model, NoiseSchedule.linear(T=20), x0, t, torch.randn_like(x0))
+    return bool(torch.isfinite(loss))
+
+
+def test_a_diverging_run_keeps_no_poisoned_checkpoint(small_images, tmp_path):
+    """lr 1e6: after step 1 the weights are ~1e6, finite, and every forward pass gives NaN.
+    Such a checkpoint must not be written (the old code kept it at step 1, and a resumed run
+    or an export then failed the same way)."""
+    schedule = NoiseSchedule.linear(T=20)
+    ckpt = tmp_path / "run.pt"
+    kw = dict(batch_size=8, log_every=1, checkpoint_every=1, progress=False)
+    never_saved = (r"after step 1 .* nan loss .*not overwritten; no checkpoint of this run was "
+                   r"written: train afresh with a lower lr")
+    with pytest.raises(FloatingPointError, match=never_saved):
+        train(tiny_unet(), schedule, small_images, steps=4, lr=1e6, checkpoint=ckpt, **kw)
+    assert not ckpt.exists()
+
+    # a good run to step 2, then a diverging resume: the step-2 checkpoint survives, the error
+    # says where it is, and resuming from it with a sane lr equals a run never interrupted
+    train(tiny_unet(), schedule, small_images, steps=2, lr=1e-3, checkpoint=ckpt, **kw)
+    last_good = (rf"last good checkpoint is step 2 in {re.escape(str(ckpt))}: resume from it "
+                 r"with a lower lr")
+    with pytest.raises(FloatingPointError, match=last_good):
+        train(tiny_unet(), schedule, small_images, steps=6, lr=1e6, checkpoint=ckpt, **kw)
+    saved = load_checkpoint(ckpt)
+    assert saved["step"] == 2 and weights_give_finite_loss(saved["model"])
+    assert weights_give_finite_loss(saved["ema"]["model"])
+    resumed = train(tiny_unet(), schedule, small_images, steps=4, lr=1e-3, checkpoint=ckpt, **kw)
+    straight = train(tiny_unet(), schedule, small_images, steps=4, lr=1e-3, **kw)
+    assert resumed.resumed_from == 2
+    for a, b in zip(straight.model.state_dict().values(), resumed.model.state_dict().values()):
+        assert torch.equal(a, b)
+
+
+def test_the_nan_loss_message_names_the_last_good_checkpoint(small_images, tmp_path, monkeypatch):
+    """A loss that turns NaN between checkpoints (here: one poisoned batch at step 3)."""
+    ckpt = tmp_path / "run.pt"
+    kw = dict(batch_size=8, log_every=1, checkpoint_every=2, progress=False)
+    train(tiny_unet(), NoiseSchedule.linear(T=20), small_images, steps=2, checkpoint=ckpt, **kw)
+    loss_simple, calls = diffusion.loss_simple, [0]
+
+    def nan_at_third_step(model, schedule, x0, t, eps, y=None, reduction="mean"):
+        calls[0] += reduction == "none"                 # the training steps', not the checks'
+        per_image = loss_simple(model, schedule, x0, t, eps, y=y, reduction=reduction)
+        return per_image * float("nan") if calls[0] == 1 and reduction == "none" else per_image
+
+    monkeypatch.setattr(diffusion, "loss_simple", nan_at_third_step)
+    message = (r"loss became nan at step 3; the last good checkpoint is step 2 in "
+               + re.escape(str(ckpt)))
+    with pytest.raises(FloatingPointError, match=message):
+        train(tiny_unet(), NoiseSchedule.linear(T=20), small_images, steps=6, checkpoint=ckpt, **kw)
+    assert load_checkpoint(ckpt)["step"] == 2
+
+
+@pytest.mark.parametrize("poison", ["nan", "huge"])
+def test_resume_refuses_a_checkpoint_with_unusable_weights(small_images, tmp_path, poison):
+    """Checkpoints older code kept after a divergence: NaN weights, or finite ~1e6 weights
+    whose loss is NaN."""
+    schedule = NoiseSchedule.linear(T=20)
+    ckpt = tmp_path / "run.pt"
+    kw = dict(batch_size=8, progress=False)
+    train(tiny_unet(), schedule, small_images, steps=2, checkpoint=ckpt, **kw)
+    state = load_checkpoint(ckpt)
+    for weights in (state["model"], state["ema"]["model"]):
+        for k, v in weights.items():
+            if v.is_floating_point():
+                weights[k] = v * 1e6 if poison == "huge" else v * float("nan")
+    save_checkpoint(state, ckpt)
+    refused = r"run\.pt \(step 2\) cannot be resumed: .*(NaN|nan).*lower lr"
+    with pytest.raises(ValueError, match=refused):
+        train(tiny_unet(), schedule, small_images, steps=4, lr=2e-4, checkpoint=ckpt, **kw)
+
+
+def test_resume_with_other_settings_is_refused_before_any_step(small_images, tmp_path):
+    ckpt = tmp_path / "run.pt"
+    kw = dict(batch_size=8, progress=False)
+    train(tiny_unet(), NoiseSchedule.linear(T=20), small_images, steps=2, checkpoint=ckpt, **kw)
+    steps_run = []
+
+    def resume(model=None, schedule=None, images=small_images, **changes):
+        return train(model or tiny_unet(), schedule or NoiseSchedule.linear(T=20), images, steps=3,
+                     checkpoint=ckpt, callback=lambda step, m, e: steps_run.append(step),
+                     **{**kw, **changes})
+
+    other_betas = (r"step 2\) was made by a run with other settings:\n  schedule: checkpoint T=20, "
+                   r"betas 0\.0001 \.\. 0\.02, this run T=20, betas ")
+    with pytest.raises(ValueError, match=other_betas):
+        resume(schedule=NoiseSchedule.cosine(T=20))
+    with pytest.raises(ValueError, match="schedule: checkpoint T=20, .*this run T=30"):
+        resume(schedule=NoiseSchedule.linear(T=30))
+    torch.manual_seed(0)
+    wider = UNet(base_channels=16, channel_mults=(1, 2), num_res_blocks=1, attention_resolutions=(),
+                 dropout=0.0)
+    with pytest.raises(ValueError, match="network base_channels: checkpoint 8, this run 16"):
+        resume(model=wider)
+    # every difference at once, each with both values, and what to do
+    with pytest.raises(ValueError) as err:
+        resume(seed=1, batch_size=4, hflip=True, ema_decay=0.9, images=small_images[:100])
+    message = str(err.value)
+    for line in ("seed: checkpoint 0, this run 1", "batch_size: checkpoint 8, this run 4",
+                 "hflip: checkpoint False, this run True",
+                 "ema_decay: checkpoint 0.9999, this run 0.9",
+                 f"number of images: checkpoint {len(small_images)}, this run 100",
+                 "pass another checkpoint path"):
+        assert line in message, message
+    assert steps_run == [] and load_checkpoint(ckpt)["step"] == 2
+    # what may change on resume: steps, lr, warm-up, clipping, logging, the fast-path switches
+    result = resume(lr=1e-4, warmup_steps=3, grad_clip=None, log_every=1, checkpoint_every=1,
+                    bf16=False, channels_last=True)
+    assert result.resumed_from == 2 and steps_run == [3]
+
+
+def test_resume_from_a_file_that_is_not_a_checkpoint(small_images, tmp_path):
+    from ddpm_lib.pretrained import save_weights
+    weights = tmp_path / "w.pt"
+    save_weights(tiny_unet(), NoiseSchedule.linear(T=20), weights)
+    message = r"w\.pt is an exported weights file .*not a training checkpoint.*new checkpoint path"
+    with pytest.raises(ValueError, match=message):
+        train(tiny_unet(), NoiseSchedule.linear(T=20), small_images, steps=1, checkpoint=weights,
+              progress=False)
+
+
+def test_an_unwritable_checkpoint_path_fails_before_training(small_images, tmp_path):
+    a_file = tmp_path / "a_file"
+    a_file.write_text("")
+    steps_run = []
+
+    def train_into(checkpoint):
+        train(tiny_unet(), NoiseSchedule.linear(T=20), small_images, steps=3, batch_size=4,
+              progress=False, checkpoint=checkpoint,
+              callback=lambda step, m, e: steps_run.append(step))
+
+    with pytest.raises(NotADirectoryError, match=r"a_file is a file, so no checkpoint can be"):
+        train_into(a_file / "run.pt")
+    with pytest.raises(ValueError, match="is a folder"):
+        train_into(tmp_path)
+    assert steps_run == []
+
+
+def test_two_runs_on_one_checkpoint(small_images, tmp_path):
+    """A second run on a checkpoint whose lock a live process holds is refused before it does
+    anything; a lock left by a dead process is taken over; the lock goes when train ends,
+    however it ends."""
+    import socket
+    from ddpm_lib.io import lock_path
+    ckpt = tmp_path / "run.pt"
+    lock = lock_path(ckpt)
+    kw = dict(steps=2, batch_size=4, progress=False, checkpoint=ckpt)
+    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        lock.write_text(f"{holder.pid} {socket.gethostname()}\n")
+        busy = rf"in use by another run \(process {holder.pid} .*run\.pt\.lock"
+        with pytest.raises(CheckpointBusy, match=busy):
+            train(tiny_unet(), NoiseSchedule.linear(T=20), small_images, **kw)
+        assert not ckpt.exists()
+    finally:
+        holder.kill()
+        holder.wait()
+    result = train(tiny_unet(), NoiseSchedule.linear(T=20), small_images, **kw)   # taken over
+    assert result.step == 2 and ckpt.exists() and not lock.exists()
+
+    def inside(step, model, ema):
+        assert lock.read_text().split()[0] == str(os.getpid())      # held while training
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train(tiny_unet(), NoiseSchedule.linear(T=20), small_images, **{**kw, "steps": 4},
+              callback=inside)
+    assert not lock.exists()
