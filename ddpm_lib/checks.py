@@ -7,11 +7,18 @@ inside ``torch.compile`` the check splits the graph. So value checks run only wh
 cheap and useful: not while compiling, and not inside :func:`trusted_inputs`, which
 :func:`ddpm_lib.train.train` wraps around each step, because it validated the dataset once
 and draws the timesteps and the noise itself.
+
+It also holds the small argument checks the modules share (:func:`integer`, :func:`integers`,
+:func:`real`, :func:`integer_dtype`): each raises a ``ValueError`` that names the argument,
+says what it must be and what it got.
 """
 from __future__ import annotations
 
 import contextlib
 import contextvars
+import math
+import numbers
+from collections.abc import Iterable
 
 import torch
 
@@ -32,3 +39,47 @@ def trusted_inputs():
         yield
     finally:
         _trusted.reset(token)
+
+
+# ----------------------------------------------------------------------------------------
+# Argument checks shared by the modules
+# ----------------------------------------------------------------------------------------
+def integer(name: str, value, minimum: int | None = None) -> int:
+    """``value`` as a Python int: any integer type (Python's, NumPy's, a one-element integer
+    tensor), not a bool or a float, at least ``minimum`` when given. Otherwise a ValueError
+    naming ``name``."""
+    wanted = "an integer" + (f" >= {minimum}" if minimum is not None else "")
+    if isinstance(value, torch.Tensor) and value.numel() == 1:
+        value = value.item()
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise ValueError(f"{name} must be {wanted}, got {value!r} of type {type(value).__name__}")
+    if minimum is not None and value < minimum:
+        raise ValueError(f"{name} must be {wanted}, got {value}")
+    return int(value)
+
+
+def integers(name: str, values, minimum: int | None = None) -> tuple[int, ...]:
+    """A sequence of integers (tuple, list, torch.Size) as a tuple of ints, each checked by
+    :func:`integer` (the error names the position, e.g. ``shape[0]``)."""
+    if isinstance(values, torch.Tensor):
+        values = values.tolist()
+    if isinstance(values, (str, bytes)) or not isinstance(values, Iterable):
+        raise ValueError(f"{name} must be a sequence of integers, got {values!r}")
+    return tuple(integer(f"{name}[{i}]", v, minimum) for i, v in enumerate(values))
+
+
+def real(name: str, value) -> float:
+    """``value`` as a finite Python float: any real number type (or a one-element real tensor),
+    not a bool or a string. Otherwise a ValueError naming ``name``."""
+    if isinstance(value, torch.Tensor) and value.numel() == 1:
+        value = value.item()
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite real number, got {value!r}")
+    return float(value)
+
+
+def integer_dtype(what: str, tensor: torch.Tensor, how: str = "") -> None:
+    """A ValueError unless ``tensor`` holds integers (not floats, complex numbers or bools).
+    A dtype check: free, so it runs inside :func:`trusted_inputs` and compiled code too."""
+    if tensor.is_floating_point() or tensor.is_complex() or tensor.dtype == torch.bool:
+        raise ValueError(f"{what} must be integers, got dtype {tensor.dtype}{how}")

@@ -5,24 +5,37 @@ scaled to [-1, 1], labels int64 of shape (N,).
 
 Where the raw files are looked for, in order:
 
-1. ``$DDPM_DATA`` (the files themselves, or a sub-folder named after the dataset);
+1. ``$DDPM_DATA`` (a sub-folder named after the dataset, e.g. ``$DDPM_DATA/mnist``, or the
+   files themselves);
 2. where Debian's packages put them (``/usr/share/datasets/fashion-mnist`` for
    ``apt-get install dataset-fashion-mnist``);
 3. ``~/.cache/ddpm_lib/<name>`` and torchvision's usual layout under ``./data``;
 4. a download through torchvision into ``~/.cache/ddpm_lib`` when it is installed and online
    (Colab, for example).
 
-The MNIST-style files are the IDX format of LeCun et al., read here with NumPy.
+In each place a sub-folder named after the dataset comes before the place itself. MNIST and
+Fashion-MNIST files have the same names: the first ten labels tell them apart
+(:data:`LABEL_FINGERPRINTS`), and files that are recognisably the other dataset are skipped,
+with a word in the error if nothing else is found.
+
+The MNIST-style files are the IDX format of LeCun et al., read here with NumPy. CIFAR-10's
+python batches are pickles, read with an unpickler that rebuilds NumPy arrays and nothing
+else (a pickle can run any code while it loads).
 """
 from __future__ import annotations
 
+import _codecs
 import gzip
+import importlib.util
 import os
 import pickle
+import zlib
 from pathlib import Path
 
 import numpy as np
 import torch
+
+from .checks import integer
 
 DATASETS = {
     "fashion_mnist": dict(
@@ -30,16 +43,25 @@ DATASETS = {
                "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")},
         dirs=("fashion-mnist", "fashion_mnist", "FashionMNIST/raw", "FashionMNIST"),
         system="/usr/share/datasets/fashion-mnist", torchvision="FashionMNIST",
-        apt="dataset-fashion-mnist"),
+        apt="dataset-fashion-mnist", title="Fashion-MNIST"),
     "mnist": dict(
         files={"train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
                "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")},
         dirs=("mnist", "MNIST/raw", "MNIST"), system="/usr/share/datasets/mnist",
-        torchvision="MNIST", apt=None),
+        torchvision="MNIST", apt=None, title="MNIST"),
     "cifar10": dict(
         files={"train": tuple(f"data_batch_{i}" for i in range(1, 6)), "test": ("test_batch",)},
         dirs=("cifar-10-batches-py", "cifar10/cifar-10-batches-py", "cifar10"),
-        system="/usr/share/datasets/cifar10", torchvision="CIFAR10", apt=None),
+        system="/usr/share/datasets/cifar10", torchvision="CIFAR10", apt=None, title="CIFAR-10"),
+}
+
+# The first ten labels of each IDX label file. MNIST and Fashion-MNIST use the same file names;
+# these tell the files apart (checked on the files of Debian's dataset-fashion-mnist).
+LABEL_FINGERPRINTS = {
+    ("fashion_mnist", "train"): (9, 0, 0, 3, 0, 2, 7, 2, 5, 5),
+    ("fashion_mnist", "test"): (9, 2, 1, 1, 6, 1, 4, 6, 5, 7),
+    ("mnist", "train"): (5, 0, 4, 1, 9, 2, 1, 3, 1, 4),
+    ("mnist", "test"): (7, 2, 1, 0, 4, 1, 4, 9, 5, 9),
 }
 
 FASHION_MNIST_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
@@ -64,43 +86,163 @@ def _candidate_dirs(name: str) -> list[Path]:
         roots.append(Path(os.environ["DDPM_DATA"]))
     roots += [Path(spec["system"]), cache_dir() / name, Path("data"), Path.cwd().parent / "data"]
     dirs = []
-    for root in roots:
-        dirs.append(root)
+    for root in roots:      # a folder named after the dataset first, then the root itself
         dirs += [root / d for d in spec["dirs"]]
+        dirs.append(root)
     return dirs
 
 
 def find_files(name: str, split: str) -> list[Path] | None:
-    """The raw files of ``name``/``split`` in the first folder that has them all, or None."""
+    """The raw files of ``name``/``split`` in the first folder that has them all, or None.
+    Folders whose files are recognisably another dataset (see :func:`identify`) are skipped."""
+    return _search(name, split)[0]
+
+
+def _search(name: str, split: str) -> tuple[list[Path] | None, list[str]]:
+    """``(files or None, why each skipped folder was skipped)``."""
     stems = DATASETS[name]["files"][split]
+    skipped = []
     for folder in _candidate_dirs(name):
         found = [_find(folder, s) for s in stems]
-        if all(found):
-            return found
-    return None
+        if not all(found):
+            continue
+        other = identify(found[-1]) if name in ("mnist", "fashion_mnist") else None
+        if other is None or other == (name, split):
+            return found, skipped
+        first = ", ".join(map(str, LABEL_FINGERPRINTS[other]))
+        skipped.append(f"{folder} holds the {DATASETS[other[0]]['title']} {other[1]} files (their "
+                       f"first labels are {first}), not {DATASETS[name]['title']}'s {split} files")
+    return None, skipped
+
+
+def identify(labels_path: Path) -> tuple[str, str] | None:
+    """``(dataset, split)`` whose first ten labels the IDX label file starts with (see
+    :data:`LABEL_FINGERPRINTS`), or None if unknown or unreadable."""
+    try:
+        with _open(labels_path) as f:
+            head = f.read(18)                     # 8 header bytes, then the first 10 labels
+    except (OSError, EOFError, zlib.error):
+        return None
+    return next((key for key, first in LABEL_FINGERPRINTS.items() if tuple(head[8:]) == first),
+                None)
+
+
+def _open(path: Path):
+    return gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb")
+
+
+def _fresh_copy_advice(path: Path) -> str:
+    """How to replace a damaged data file: reinstall the Debian package it came from, or
+    delete it and download again."""
+    for spec in DATASETS.values():
+        if spec["apt"] and Path(spec["system"]) in Path(path).absolute().parents:
+            return ("Reinstall the package that installed it: "
+                    f"sudo apt-get install --reinstall {spec['apt']}")
+    return (f"Delete it and get a fresh copy: load() downloads the dataset into {cache_dir()} when "
+            "torchvision is installed and online, or copy the original files again")
+
+
+def _damaged(path: Path, error: Exception) -> ValueError:
+    return ValueError(f"{path} is damaged ({type(error).__name__}: {error}). "
+                      + _fresh_copy_advice(path))
 
 
 def _read_idx(path: Path) -> np.ndarray:
-    opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rb") as f:
-        data = f.read()
-    zero, dtype_code, ndim = data[0] << 8 | data[1], data[2], data[3]
-    if zero != 0 or dtype_code != 0x08:
-        raise ValueError(f"{path} is not an IDX file of unsigned bytes")
+    """An IDX file of unsigned bytes (optionally gzipped) as a uint8 array of its shape."""
+    try:
+        with _open(path) as f:
+            data = f.read()
+    except (EOFError, gzip.BadGzipFile, zlib.error) as e:     # cut short, or not gzip at all
+        raise _damaged(path, e) from e
+    if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] != 0x08:
+        raise ValueError(f"{path} is not an IDX file of unsigned bytes. {_fresh_copy_advice(path)}")
+    ndim = data[3]
+    if len(data) < 4 + 4 * ndim:
+        raise ValueError(f"{path} is truncated: its header is cut short. "
+                         + _fresh_copy_advice(path))
     shape = tuple(int.from_bytes(data[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim))
     array = np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim)
     if array.size != int(np.prod(shape)):
-        raise ValueError(f"{path} is truncated: expected {int(np.prod(shape))} values, found {array.size}")
+        raise ValueError(f"{path} is truncated: expected {int(np.prod(shape))} values, found "
+                         f"{array.size}. {_fresh_copy_advice(path)}")
     return array.reshape(shape)
 
 
+def _read_idx_pair(images_path: Path, labels_path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """Images (N, 1, H, W) and labels (N,) from the two IDX files of a split."""
+    images, labels = _read_idx(images_path), _read_idx(labels_path)
+    if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
+        raise ValueError(f"{images_path} and {labels_path} do not belong together: images of "
+                         f"shape {images.shape} (expected (N, H, W)) and labels of shape "
+                         f"{labels.shape} (expected (N,)). {_fresh_copy_advice(images_path)}")
+    return images[:, None], labels
+
+
+def _numpy_array_globals() -> dict:
+    """The globals a pickled NumPy array needs: how NumPy rebuilds it, under both the module
+    names NumPy 1 (numpy.core) and NumPy 2 (numpy._core) write into pickles."""
+    core = "numpy._core" if importlib.util.find_spec("numpy._core") else "numpy.core"
+    rebuild = {module: (name, getattr(importlib.import_module(f"{core}.{module}"), name))
+               for module, name in (("multiarray", "_reconstruct"), ("numeric", "_frombuffer"))}
+    allowed = {("numpy", "ndarray"): np.ndarray, ("numpy", "dtype"): np.dtype,
+               ("_codecs", "encode"): _codecs.encode}    # bytes in protocol-2 pickles of Python 3
+    for package in ("numpy.core", "numpy._core"):
+        for module, (name, function) in rebuild.items():
+            allowed[f"{package}.{module}", name] = function
+    return allowed
+
+
+class RefusedGlobal(pickle.UnpicklingError):
+    """A pickle asked for a global that :class:`CifarUnpickler` does not allow."""
+
+
+class CifarUnpickler(pickle.Unpickler):
+    """Unpickles CIFAR-10's python batches: dicts of NumPy arrays, lists, bytes and numbers.
+
+    ``pickle.load`` calls any function a file names, so a doctored batch file could run code
+    while it loads. This unpickler finds only the globals that rebuilding a NumPy array needs
+    and refuses every other with a :class:`RefusedGlobal` (a ``pickle.UnpicklingError``) naming
+    the file and the global.
+    """
+
+    ALLOWED = _numpy_array_globals()
+
+    def __init__(self, file, path: Path):
+        super().__init__(file, encoding="bytes")      # the batches were pickled by Python 2
+        self.path = path
+
+    def find_class(self, module: str, name: str):
+        if (module, name) in self.ALLOWED:
+            return self.ALLOWED[module, name]
+        raise RefusedGlobal(
+            f"{self.path} is not a CIFAR-10 batch: it asks for the Python global {module}.{name}, "
+            "which the format never needs and which could run code; refused. Delete the file and "
+            "download CIFAR-10 again from https://www.cs.toronto.edu/~kriz/cifar.html (or through "
+            "torchvision)")
+
+
+def _read_cifar_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """Images (N, 3, 32, 32) uint8 and labels (N,) of one CIFAR-10 batch file."""
+    try:
+        with open(path, "rb") as f:
+            batch = CifarUnpickler(f, path).load()
+    except RefusedGlobal:
+        raise
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError,
+            IndexError) as e:
+        raise _damaged(path, e) from e
+    data = batch.get(b"data") if isinstance(batch, dict) else None
+    labels = np.asarray(batch.get(b"labels", [])) if isinstance(batch, dict) else None
+    if not (isinstance(data, np.ndarray) and data.dtype == np.uint8 and data.ndim == 2
+            and data.shape[1] == 3 * 32 * 32 and labels.shape == (len(data),)
+            and labels.dtype.kind in "iu"):
+        raise ValueError(f"{path} is not a CIFAR-10 batch: expected a dict with b'data', uint8 of "
+                         f"shape (N, 3072), and b'labels', N integers. {_fresh_copy_advice(path)}")
+    return data.reshape(-1, 3, 32, 32), labels
+
+
 def _read_cifar(paths: list[Path]) -> tuple[np.ndarray, np.ndarray]:
-    images, labels = [], []
-    for p in paths:
-        with open(p, "rb") as f:
-            batch = pickle.load(f, encoding="bytes")
-        images.append(batch[b"data"].reshape(-1, 3, 32, 32))
-        labels.append(np.asarray(batch[b"labels"]))
+    images, labels = zip(*(_read_cifar_batch(p) for p in paths))
     return np.concatenate(images), np.concatenate(labels)
 
 
@@ -121,14 +263,14 @@ def load(name: str = "fashion_mnist", split: str = "train", limit: int | None = 
     ``limit`` keeps the first ``limit`` examples. ``download`` allows a torchvision download
     into ``~/.cache/ddpm_lib`` when the files are nowhere on disk.
     """
-    name = name.lower().replace("-", "_")
-    if name not in DATASETS:
+    if not isinstance(name, str) or name.lower().replace("-", "_") not in DATASETS:
         raise ValueError(f"unknown dataset {name!r}; choose one of {sorted(DATASETS)}")
+    name = name.lower().replace("-", "_")
     if split not in ("train", "test"):
         raise ValueError(f"split must be 'train' or 'test', got {split!r}")
-    if limit is not None and (not isinstance(limit, int) or limit < 1):
-        raise ValueError(f"limit must be a positive integer or None, got {limit!r}")
-    files = find_files(name, split)
+    if limit is not None:
+        limit = integer("limit (the number of examples to keep, or None for all)", limit, minimum=1)
+    files, skipped = _search(name, split)
     if files is None and download:
         try:
             _download(name)
@@ -136,7 +278,7 @@ def load(name: str = "fashion_mnist", split: str = "train", limit: int | None = 
             reason = f"{type(e).__name__}: {e}"
         else:
             reason = None
-        files = find_files(name, split)
+        files, skipped = _search(name, split)
     else:
         reason = "download=False"
     if files is None:
@@ -147,13 +289,17 @@ def load(name: str = "fashion_mnist", split: str = "train", limit: int | None = 
             how.insert(0, f"  - on Debian/Ubuntu: sudo apt-get install {spec['apt']}")
         how.append("  - or, online with torchvision installed, call load() again (it downloads to "
                    f"{cache_dir() / name})")
+        if skipped:
+            how.insert(0, f"  - the {spec['title']} files go in a folder named {spec['dirs'][0]!r} "
+                          "under DDPM_DATA (or in a folder DDPM_DATA points to)")
         raise FileNotFoundError(f"could not find the {name} {split} files; looked in:\n    "
                                 + "\n    ".join(str(d) for d in _candidate_dirs(name)[:6])
+                                + "".join(f"\nskipped: {why}" for why in skipped)
                                 + f"\n(download failed: {reason})\nTo get them:\n" + "\n".join(how))
     if name == "cifar10":
         images, labels = _read_cifar(files)
     else:
-        images, labels = _read_idx(files[0])[:, None], _read_idx(files[1])
+        images, labels = _read_idx_pair(*files)
     if limit is not None:
         images, labels = images[:limit], labels[:limit]
     x = torch.from_numpy(np.array(images, dtype=np.uint8, copy=True)).float().div_(127.5).sub_(1.0)
@@ -161,5 +307,12 @@ def load(name: str = "fashion_mnist", split: str = "train", limit: int | None = 
 
 
 def to_uint8(x: torch.Tensor) -> np.ndarray:
-    """Images in [-1, 1] (any float tensor) to uint8 in 0..255 (values outside are clipped)."""
-    return ((x.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).numpy()
+    """Images in [-1, 1] (any float tensor or array, any shape) to uint8 in 0..255, same shape
+    (values outside [-1, 1] are clipped)."""
+    x = torch.as_tensor(x).detach().cpu()
+    if not x.is_floating_point():
+        already = " (already uint8: nothing to convert)" if x.dtype == torch.uint8 else ""
+        raise ValueError(f"to_uint8 takes float images in [-1, 1], got dtype {x.dtype}{already}")
+    if x.isnan().any():
+        raise ValueError("the images contain NaN values, which have no uint8 value")
+    return ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).numpy()

@@ -14,8 +14,9 @@ vectors, and the score compares the two clouds of vectors.
   file are there; passed as ``extractor=``, the same :func:`fid` is the usual FID.
 * Any callable ``images (B, C, H, W) float in [-1, 1] -> features (B, D)`` works too.
 
-Images: float tensors (N, C, H, W) in [-1, 1], as the samplers return them (clamped here),
-or uint8 in 0..255 of shape (N, H, W) or (N, C, H, W) (what ``python -m ddpm_lib sample
+Images: float tensors (N, C, H, W) in [-1, 1], as the samplers return them (values up to
+1e-3 outside are clamped; further out is an error: pixel values 0..255 must be uint8), or
+uint8 in 0..255 of shape (N, H, W) or (N, C, H, W) (what ``python -m ddpm_lib sample
 --npy`` writes); NumPy arrays are accepted as well. Features: (N, D) tensors or arrays; the
 statistics are computed in float64.
 
@@ -57,6 +58,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .checks import check_values, integer, integer_dtype
 from .data import cache_dir, load
 from .pretrained import WEIGHTS_DIR, sha256
 
@@ -69,12 +71,19 @@ CLASSIFIER_SHA256 = "77cf017d3c82d307a7dcb9304c8faf61a830137c67b9f5e9ec93a6462f0
 
 # ----------------------------------------------------------------------------- images
 
+# How far outside [-1, 1] float images may go (rounding in the samplers' last step); they are
+# clamped. Further out they are not images in [-1, 1]: 0..255 floats, or unclipped values.
+RANGE_TOLERANCE = 1e-3
+
+
 def as_float_images(images) -> Tensor:
     """Images as a float32 tensor (N, C, H, W) in [-1, 1].
 
-    Accepts float tensors/arrays in [-1, 1] (clamped: samplers can overshoot a little) of
-    shape (N, C, H, W), or uint8 in 0..255 of shape (N, H, W), (N, C, H, W) or, as
-    ``python -m ddpm_lib sample --npy`` writes colour images, (N, H, W, 3).
+    Accepts float tensors/arrays in [-1, 1] of shape (N, C, H, W) (values within
+    ``RANGE_TOLERANCE`` outside are clamped: samplers can overshoot by rounding), or uint8 in
+    0..255 of shape (N, H, W), (N, C, H, W) or, as ``python -m ddpm_lib sample --npy`` writes
+    colour images, (N, H, W, 3). Float values further outside [-1, 1], NaN or infinite are
+    an error (where :func:`ddpm_lib.checks.check_values` allows the check).
     """
     x = torch.as_tensor(images)
     if x.ndim == 3:
@@ -87,6 +96,15 @@ def as_float_images(images) -> Tensor:
         return x.float().div(127.5).sub(1.0)
     if not x.is_floating_point():
         raise ValueError(f"images must be float in [-1, 1] or uint8 in 0..255, got dtype {x.dtype}")
+    if x.numel() and check_values():
+        if not torch.isfinite(x).all():
+            raise ValueError("the images contain NaN or infinite values")
+        low, high = x.min().item(), x.max().item()
+        if not (-1 - RANGE_TOLERANCE <= low and high <= 1 + RANGE_TOLERANCE):
+            raise ValueError(
+                f"float images must lie in [-1, 1]; these range from {low:.4g} to {high:.4g}. "
+                "Pixel values in 0..255: pass them as uint8 (x.to(torch.uint8)) or convert with "
+                "x / 127.5 - 1; unclipped samples: clamp them with x.clamp(-1, 1)")
     return x.float().clamp(-1.0, 1.0)
 
 
@@ -97,6 +115,15 @@ def _as_features(feats, name: str = "features") -> Tensor:
     if not torch.isfinite(f).all():
         raise ValueError(f"{name} contain NaN or infinite values")
     return f
+
+
+def _feature_pair(feats_a, feats_b, names=("feats_a", "feats_b")) -> tuple[Tensor, Tensor]:
+    """Two sets of features (N_a, D), (N_b, D) as float64 tensors, with the same D."""
+    fa, fb = _as_features(feats_a, names[0]), _as_features(feats_b, names[1])
+    if fa.shape[1] != fb.shape[1]:
+        raise ValueError(f"feature dimensions differ: {names[0]} has {fa.shape[1]}, {names[1]} "
+                         f"{fb.shape[1]} (both sets must come from the same extractor)")
+    return fa, fb
 
 
 # ----------------------------------------------------------------------------- the classifier
@@ -125,6 +152,10 @@ class FashionClassifier(nn.Module):
         self.head = nn.Linear(feature_dim, num_classes)
 
     def features(self, x: Tensor) -> Tensor:
+        if x.ndim != 4 or tuple(x.shape[1:]) != (1, 28, 28):
+            raise ValueError(f"the Fashion-MNIST classifier takes grey 28x28 images (N, 1, 28, 28), "
+                             f"got {tuple(x.shape)}; for other images use "
+                             "extractor=inception_extractor() (and classifier=False in evaluate)")
         return F.relu(self.hidden(self.conv(x).flatten(1)))
 
     def features_and_logits(self, x: Tensor) -> tuple[Tensor, Tensor]:
@@ -187,6 +218,7 @@ def classifier_outputs(images, classifier: nn.Module | None = None, batch_size: 
 
     ``classifier`` needs a ``features_and_logits(x)`` method, as :class:`FashionClassifier` has.
     """
+    batch_size = integer("batch_size", batch_size, minimum=1)
     net = _classifier(classifier, device)
     dev = _device_of(net)
     feats, probs = [], []
@@ -207,6 +239,7 @@ def extract_features(images, extractor: Callable | None = None, batch_size: int 
     (default: the shipped classifier's penultimate layer)."""
     if extractor is None:
         return classifier_outputs(images, batch_size=batch_size)[0]
+    batch_size = integer("batch_size", batch_size, minimum=1)
     feats = [_as_features(extractor(as_float_images(images[s:s + batch_size])), "extracted features")
              for s in range(0, len(images), batch_size)]
     if not feats:
@@ -289,9 +322,12 @@ def frechet_distance_from_statistics(mu1, sigma1, mu2, sigma2) -> float:
     """
     mu1, mu2 = (torch.as_tensor(m, dtype=torch.float64) for m in (mu1, mu2))
     sigma1, sigma2 = (torch.as_tensor(s, dtype=torch.float64) for s in (sigma1, sigma2))
-    if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape or sigma1.shape != (len(mu1), len(mu1)):
+    if mu1.ndim != 1 or mu1.shape != mu2.shape or sigma1.shape != sigma2.shape \
+            or sigma1.shape != (len(mu1), len(mu1)):
         raise ValueError(f"statistics do not match: mu {tuple(mu1.shape)}, {tuple(mu2.shape)}; "
                          f"sigma {tuple(sigma1.shape)}, {tuple(sigma2.shape)}")
+    if not all(torch.isfinite(v).all() for v in (mu1, mu2, sigma1, sigma2)):
+        raise ValueError("the statistics contain NaN or infinite values")
     mean_term = float(((mu1 - mu2) ** 2).sum())
     trace_term = float(torch.trace(sigma1) + torch.trace(sigma2)) - 2.0 * trace_sqrt_product(sigma1, sigma2)
     # rounding can make the distance of a set to itself -1e-13: it is a squared distance
@@ -300,9 +336,7 @@ def frechet_distance_from_statistics(mu1, sigma1, mu2, sigma2) -> float:
 
 def frechet_distance(feats_a, feats_b) -> float:
     """Frechet distance between Gaussians fitted to features (N_a, D) and (N_b, D)."""
-    fa, fb = _as_features(feats_a, "feats_a"), _as_features(feats_b, "feats_b")
-    if fa.shape[1] != fb.shape[1]:
-        raise ValueError(f"feature dimensions differ: {fa.shape[1]} and {fb.shape[1]}")
+    fa, fb = _feature_pair(feats_a, feats_b)
     return frechet_distance_from_statistics(*feature_statistics(fa), *feature_statistics(fb))
 
 
@@ -464,6 +498,9 @@ def mmd2_unbiased(x: Tensor, y: Tensor) -> float:
         1/(m(m-1)) sum_{i!=j} k(x_i, x_j) + 1/(n(n-1)) sum_{i!=j} k(y_i, y_j) - 2/(mn) sum_{i,j} k(x_i, y_j)
     """
     m, n = len(x), len(y)
+    if x.ndim != 2 or y.ndim != 2 or x.shape[1] != y.shape[1] or m < 2 or n < 2:
+        raise ValueError(f"need x (m, d) and y (n, d) with m, n >= 2, got {tuple(x.shape)} and "
+                         f"{tuple(y.shape)}")
     k_xx, k_yy, k_xy = polynomial_kernel(x, x), polynomial_kernel(y, y), polynomial_kernel(x, y)
     sum_xx = k_xx.sum() - k_xx.diagonal().sum()
     sum_yy = k_yy.sum() - k_yy.diagonal().sum()
@@ -483,9 +520,9 @@ def kid(feats_a, feats_b, subsets: int = 100, subset_size: int = 1000, seed: int
     Returns ``KID(mean, std)`` over the subsets. Unbiased: about 0 (possibly slightly
     negative) for two samples of the same distribution, at any N.
     """
-    fa, fb = _as_features(feats_a, "feats_a"), _as_features(feats_b, "feats_b")
-    if fa.shape[1] != fb.shape[1]:
-        raise ValueError(f"feature dimensions differ: {fa.shape[1]} and {fb.shape[1]}")
+    subsets = integer("subsets", subsets, minimum=1)
+    subset_size = integer("subset_size", subset_size, minimum=2)
+    fa, fb = _feature_pair(feats_a, feats_b)
     m = min(subset_size, len(fa), len(fb))
     if m < 2:
         raise ValueError("KID needs at least 2 feature vectors in each set")
@@ -507,7 +544,8 @@ def _chunked_distances(a: Tensor, b: Tensor, chunk_size: int):
 def knn_radii(feats, k: int = 3, chunk_size: int = 1000) -> Tensor:
     """Distance from each row of feats (N, D) to its k-th nearest other row: (N,), float64."""
     f = _as_features(feats)
-    if not 1 <= k < len(f):
+    chunk_size = integer("chunk_size", chunk_size, minimum=1)
+    if not 1 <= integer("k", k) < len(f):
         raise ValueError(f"k must be in 1..N-1 = {len(f) - 1}, got {k}")
     radii = torch.empty(len(f), dtype=torch.float64)
     for start, d in _chunked_distances(f, f, chunk_size):
@@ -537,7 +575,7 @@ def precision_recall(real_feats, fake_feats, k: int = 3, chunk_size: int = 1000)
     inside the real manifold; recall = share of real points inside the fake manifold. Both
     depend on N and k: compare at equal sizes (the paper uses equal N for both sets).
     """
-    real, fake = _as_features(real_feats, "real_feats"), _as_features(fake_feats, "fake_feats")
+    real, fake = _feature_pair(real_feats, fake_feats, ("real_feats", "fake_feats"))
     precision = _manifold_coverage(fake, real, knn_radii(real, k, chunk_size), chunk_size)
     recall = _manifold_coverage(real, fake, knn_radii(fake, k, chunk_size), chunk_size)
     return PrecisionRecall(precision, recall)
@@ -548,6 +586,9 @@ def precision_recall(real_feats, fake_feats, k: int = 3, chunk_size: int = 1000)
 def histogram_entropy(histogram) -> float:
     """Entropy in nats of a histogram (counts or probabilities, (C,)): log C when uniform."""
     h = torch.as_tensor(histogram, dtype=torch.float64)
+    if h.ndim != 1 or not torch.isfinite(h).all() or (h < 0).any() or not h.sum() > 0:
+        raise ValueError("a histogram is a 1-D sequence of counts >= 0 with a positive total, "
+                         f"got {h.tolist()}")
     p = h / h.sum()
     p = p[p > 0]
     return float(-(p * p.log()).sum())
@@ -575,7 +616,9 @@ def classifier_accuracy(images, labels, classifier: nn.Module | None = None, bat
     """Share of ``images`` (N, 1, 28, 28) whose predicted class is ``labels`` (N,): for
     class-conditional samples, how often they show the class they were asked for."""
     _, probs = classifier_outputs(images, classifier, batch_size)
-    labels = torch.as_tensor(labels).long().cpu()
+    labels = torch.as_tensor(labels).cpu()
+    integer_dtype("labels", labels, "; convert them with labels.long()")
+    labels = labels.long()
     if labels.shape != (len(probs),):
         raise ValueError(f"labels must have shape ({len(probs)},), got {tuple(labels.shape)}")
     return float((probs.argmax(dim=1) == labels).double().mean())
@@ -589,6 +632,10 @@ def _knn_search(queries: Tensor, reference, k: int, chunk_size: int, prepare) ->
     Candidates come from float32 ``|q|^2 + |r|^2 - 2 q.r`` one chunk of the reference at a
     time (memory N x chunk_size); the distances returned are recomputed exactly in float64.
     """
+    width = prepare(reference[:1]).shape[1]
+    if queries.shape[1] != width:
+        raise ValueError(f"the queries have {queries.shape[1]} values each but the reference rows "
+                         f"{width}: they must be the same kind of image (or feature)")
     q32 = queries.float()
     q_norm = (q32 ** 2).sum(1, keepdim=True)
     best_d2 = torch.full((len(q32), 0), math.inf)
@@ -625,14 +672,20 @@ def nearest_neighbours(samples, train_images, k: int = 1, extractor: Callable | 
     training images needs about 100 MB). To judge the distances, compute the same for real
     held-out images: samples much closer to the training set than those are copies.
     """
-    queries = as_float_images(samples).flatten(1)
-    dist, idx = _knn_search(queries, train_images, k, chunk_size, lambda im: as_float_images(im).flatten(1))
+    k = integer("k", k, minimum=1)
+    chunk_size = integer("chunk_size", chunk_size, minimum=1)
+    queries = as_float_images(samples).flatten(1).cpu()
+    dist, idx = _knn_search(queries, train_images, k, chunk_size,
+                            lambda im: as_float_images(im).flatten(1).cpu())
     result = dict(distances=dist, indices=idx)
     if extractor is not None or train_features is not None:
         query_feats = extract_features(samples, extractor, batch_size)
         if train_features is None:
             train_features = extract_features(train_images, extractor, batch_size)
         train_features = _as_features(train_features, "train_features")
+        if len(train_features) != len(train_images):
+            raise ValueError(f"train_features has {len(train_features)} rows but train_images "
+                             f"{len(train_images)}: they must describe the same images, in order")
         f_dist, f_idx = _knn_search(query_feats, train_features, k, chunk_size, lambda f: f)
         result.update(feature_distances=f_dist, feature_indices=f_idx)
     return result
@@ -664,7 +717,8 @@ def evaluate(samples, real=None, *, real_features=None, extractor: Callable | No
         fake, probs = classifier_outputs(samples, batch_size=batch_size)
     else:
         fake = extract_features(samples, extractor, batch_size)
-    ref = extract_features(real, extractor, batch_size) if real_features is None else _as_features(real_features)
+    ref = extract_features(real, extractor, batch_size) if real_features is None else real_features
+    ref, fake = _feature_pair(ref, fake, ("the reference features", "the samples' features"))
     kid_value = kid(ref, fake, subsets=kid_subsets, subset_size=kid_subset_size, seed=seed)
     gen = torch.Generator().manual_seed(seed)
     ref_subset = ref[torch.randperm(len(ref), generator=gen)[:len(fake)]]
@@ -691,7 +745,7 @@ def real_floor(n: int, *, dataset: str = "fashion_mnist", split: str = "test", r
     of three draws ranged from 2.5 to 4.5): vary ``seed`` to see by how much.
     """
     images, _ = load(dataset, split)
-    if not 2 <= n <= len(images):
+    if not 2 <= integer("n", n) <= len(images):
         raise ValueError(f"n must be in 2..{len(images)} (the {split} split), got {n}")
     idx = torch.randperm(len(images), generator=torch.Generator().manual_seed(seed))[:n]
     if real_features is None:

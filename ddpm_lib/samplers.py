@@ -22,6 +22,8 @@ from dataclasses import dataclass, field
 import torch
 from tqdm.auto import tqdm
 
+from .checks import integer, integer_dtype, integers, real
+
 Tensor = torch.Tensor
 
 
@@ -47,19 +49,26 @@ class Trajectory:
 
 
 def _check_shape(shape) -> tuple:
-    shape = tuple(int(s) for s in shape)
-    if len(shape) < 2 or any(s < 1 for s in shape):
+    """The shape to sample, (B, C, H, W) (or any (B, ...)): positive integers."""
+    shape = integers("shape (B, C, H, W)", shape, minimum=1)
+    if len(shape) < 2:
         raise ValueError(f"shape must be (B, C, H, W) with positive sizes, got {shape}")
     return shape
 
 
 def _start(schedule, shape, x_T, generator, device):
+    if not hasattr(schedule, "alpha_bars"):
+        raise ValueError(f"schedule must be a NoiseSchedule, got {type(schedule).__name__} "
+                         "(the arguments are model, schedule, shape)")
     shape = _check_shape(shape)
     device = torch.device(device) if device is not None else schedule.device
     if schedule.device != device:
         schedule = schedule.to(device)
     if x_T is None:
         x_T = torch.randn(shape, generator=generator, device=device)
+    elif not isinstance(x_T, torch.Tensor) or not x_T.is_floating_point():
+        raise ValueError(f"x_T must be a floating-point tensor of shape {shape}, got "
+                         f"{x_T.dtype if isinstance(x_T, torch.Tensor) else type(x_T).__name__}")
     elif tuple(x_T.shape) != shape:
         raise ValueError(f"x_T has shape {tuple(x_T.shape)} but shape is {shape}")
     return schedule, x_T.to(device, torch.float32)
@@ -68,7 +77,11 @@ def _start(schedule, shape, x_T, generator, device):
 def _denoise(model, schedule, x, t_batch, clip_x0):
     """One network call: eps, and the x0 it implies (clipped to [-1, 1] if asked, with eps
     re-derived from the clipped x0 so the two stay consistent)."""
-    eps = model(x, t_batch).float()
+    eps = model(x, t_batch)
+    if not isinstance(eps, torch.Tensor):
+        raise ValueError("the model must return a tensor eps shaped like x_t, "
+                         f"got {type(eps).__name__}")
+    eps = eps.float()
     if eps.shape != x.shape:
         raise ValueError(f"the model returned shape {tuple(eps.shape)} for x_t of shape {tuple(x.shape)}")
     x0 = schedule.predict_x0(x, t_batch, eps)
@@ -113,8 +126,7 @@ def ddpm_sample(model, schedule, shape, *, sigma: str = "beta", clip_x0: bool = 
 
 def ddim_timesteps(T: int, steps: int) -> list[int]:
     """``steps`` timesteps evenly spread over 0 .. T-1, from T-1 down to 0 (both included)."""
-    if not isinstance(steps, int) or not 1 <= steps <= T:
-        raise ValueError(f"steps must be an integer in 1..{T} (the schedule's T), got {steps!r}")
+    steps = _check_steps(steps, T)
     if steps == 1:
         return [T - 1]
     ts = torch.linspace(0, T - 1, steps, dtype=torch.float64).round().long().tolist()
@@ -138,16 +150,13 @@ def ddim_sample(model, schedule, shape, *, steps: int = 50, eta: float = 0.0, cl
     ``timesteps`` (descending, in 0..T-1) overrides the evenly spaced ``steps``.
     Returns x_0, or ``(x_0, Trajectory)`` with ``return_trajectory``.
     """
-    if not 0.0 <= float(eta) <= 1.0:
+    if not 0.0 <= real("eta", eta) <= 1.0:
         raise ValueError(f"eta must lie in [0, 1], got {eta}")
+    schedule, x = _start(schedule, shape, x_T, generator, device)
     if timesteps is None:
         timesteps = ddim_timesteps(schedule.T, steps)
     else:
-        timesteps = [int(t) for t in timesteps]
-        if any(b >= a for a, b in zip(timesteps, timesteps[1:])) or not timesteps \
-                or timesteps[0] > schedule.T - 1 or timesteps[-1] < 0:
-            raise ValueError(f"timesteps must be strictly decreasing within 0..{schedule.T - 1}")
-    schedule, x = _start(schedule, shape, x_T, generator, device)
+        timesteps = _check_timesteps(timesteps, schedule.T)
     trajectory = Trajectory() if return_trajectory else None
     one = torch.ones((), device=x.device)
     for i, t in enumerate(tqdm(timesteps, desc="DDIM", disable=not progress)):
@@ -178,8 +187,7 @@ def logsnr_timesteps(schedule, steps: int) -> list[int]:
     descending, from T-1 to 0.
     """
     T = schedule.T
-    if not isinstance(steps, int) or not 1 <= steps <= T:
-        raise ValueError(f"steps must be an integer in 1..{T} (the schedule's T), got {steps!r}")
+    steps = _check_steps(steps, T)
     if steps == 1:
         return [T - 1]
     lam = _lambdas(schedule)                      # (T,) float64, decreasing in t
@@ -200,8 +208,16 @@ def _lambdas(schedule) -> Tensor:
     return 0.5 * (torch.log(ab) - torch.log1p(-ab))
 
 
+def _check_steps(steps, T: int) -> int:
+    steps = integer("steps", steps, minimum=1)
+    if steps > T:
+        raise ValueError(f"steps must be an integer in 1..{T} (the schedule's T), got {steps!r}")
+    return steps
+
+
 def _check_timesteps(timesteps, T: int) -> list[int]:
-    timesteps = [int(t) for t in timesteps]
+    """Timesteps given by hand: integers, strictly decreasing, within 0..T-1."""
+    timesteps = list(integers("timesteps", timesteps))
     if not timesteps or any(b >= a for a, b in zip(timesteps, timesteps[1:])) \
             or timesteps[0] > T - 1 or timesteps[-1] < 0:
         raise ValueError(f"timesteps must be strictly decreasing within 0..{T - 1}")
@@ -250,17 +266,17 @@ def dpm_solver_sample(model, schedule, shape, *, steps: int = 20, order: int = 2
     x_T when it is not given. Returns x_0 of ``shape`` (float32), or ``(x_0, Trajectory)``
     with ``return_trajectory`` (x_t and x0_hat at each network call).
     """
-    if order not in (1, 2):
+    if integer("order", order) not in (1, 2):
         raise ValueError(f"order must be 1 or 2, got {order!r}")
     if spacing not in ("logsnr", "time"):
         raise ValueError(f"spacing must be 'logsnr' or 'time', got {spacing!r}")
+    schedule, x = _start(schedule, shape, x_T, generator, device)
     if timesteps is not None:
         timesteps = _check_timesteps(timesteps, schedule.T)
     elif spacing == "time":
         timesteps = ddim_timesteps(schedule.T, steps)
     else:
         timesteps = logsnr_timesteps(schedule, steps)
-    schedule, x = _start(schedule, shape, x_T, generator, device)
     # per-step coefficients as Python floats, computed in float64 (any device, MPS included)
     ab = schedule.float64("alpha_bars")
     alpha = [math.sqrt(ab[t]) for t in timesteps]
@@ -310,20 +326,19 @@ def guided_model(model, y, w: float, null_class: int | None = None):
     and make a single call of batch B, so they return exactly that prediction.
     Shapes: x_t (B, C, H, W), t (B,), returns eps (B, C, H, W).
     """
-    w = float(w)
-    if not math.isfinite(w) or w < 0:
+    w = real("the guidance weight w", w)
+    if w < 0:
         raise ValueError(f"the guidance weight w must be finite and >= 0, got {w}")
     if null_class is None:
         null_class = getattr(model, "num_classes", None)
         if null_class is None:
             raise ValueError("the model has no num_classes (it is unconditional); pass null_class= "
                              "for a conditional model function, or use the model unguided")
-    null_class = int(null_class)
+    null_class = integer("null_class", null_class, minimum=0)
 
     def labels(value, batch_size, device):
         value = torch.as_tensor(value, device=device)
-        if value.is_floating_point():
-            raise ValueError("class labels y must be integers")
+        integer_dtype("class labels y", value, "; convert them with y.long()")
         if value.ndim == 0:
             value = value.expand(batch_size)
         if value.shape != (batch_size,):

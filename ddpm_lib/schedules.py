@@ -14,16 +14,20 @@ import math
 import torch
 
 from . import diffusion
-from .checks import check_values
+from .checks import check_values, integer, integer_dtype, real
 
 Tensor = torch.Tensor
 
 
 def linear_betas(T: int = 1000, beta_start: float = 1e-4, beta_end: float = 0.02) -> Tensor:
     """Betas rising linearly from ``beta_start`` to ``beta_end`` (Ho et al. 2020). Shape (T,), float64."""
-    _check_T(T)
+    T = _check_T(T)
+    beta_start, beta_end = real("beta_start", beta_start), real("beta_end", beta_end)
     if not (0 < beta_start < 1 and 0 < beta_end < 1):
         raise ValueError(f"beta_start and beta_end must lie in (0, 1), got {beta_start} and {beta_end}")
+    if beta_start > beta_end:
+        raise ValueError(f"beta_start ({beta_start}) is larger than beta_end ({beta_end}): the "
+                         "betas rise from beta_start to beta_end (noise grows with t); swap the two")
     return torch.linspace(beta_start, beta_end, T, dtype=torch.float64)
 
 
@@ -34,7 +38,8 @@ def cosine_betas(T: int = 1000, s: float = 0.008, max_beta: float = 0.999) -> Te
     beta_t = 1 - alpha_bar(t) / alpha_bar(t-1), capped at ``max_beta`` so the last steps
     stay finite. Shape (T,), float64.
     """
-    _check_T(T)
+    T = _check_T(T)
+    s, max_beta = real("s", s), real("max_beta", max_beta)
     if not (s >= 0 and 0 < max_beta < 1):
         raise ValueError(f"need s >= 0 and max_beta in (0, 1), got s={s}, max_beta={max_beta}")
     steps = torch.arange(T + 1, dtype=torch.float64) / T
@@ -44,9 +49,32 @@ def cosine_betas(T: int = 1000, s: float = 0.008, max_beta: float = 0.999) -> Te
     return betas.clamp(max=max_beta)
 
 
-def _check_T(T) -> None:
-    if not isinstance(T, int) or isinstance(T, bool) or T < 1:
-        raise ValueError(f"T (the number of diffusion steps) must be a positive integer, got {T!r}")
+def _check_T(T) -> int:
+    return integer("T (the number of diffusion steps)", T, minimum=1)
+
+
+def _check_representable(betas: Tensor, alphas: Tensor, alpha_bars: Tensor) -> None:
+    """The schedule must survive the float64 arithmetic (and the float32 copies) it is used in.
+
+    * ``1 - beta`` must differ from 1: a beta below about 5.6e-17 (half the spacing of float64
+      numbers just below 1) vanishes from ``alpha = 1 - beta``. At t = 0 that makes
+      ``1 - alpha_bar = 0``, and beta_tilde (0 / 0), the SNR and the eps/x0 conversions
+      divide by it: NaN and inf.
+    * ``alpha_bar`` must stay above 0 in float32 (the samplers use the float32 copy): past
+      that the signal is gone and x0 = x_t / sqrt(alpha_bar) divides by 0.
+    """
+    vanished = (alphas == 1.0).nonzero().flatten()
+    if len(vanished):
+        t = int(vanished[0])
+        raise ValueError(f"beta at step t={t} is {betas[t].item():.3g}: too small for float64, where "
+                         "1 - beta rounds to 1 (betas below about 5.6e-17 vanish), so the step adds "
+                         "no noise and 1 - alpha_bar is 0 (beta_tilde and the SNR would be NaN or "
+                         "inf); use betas >= 1e-12")
+    if alpha_bars[-1].float() == 0:
+        raise ValueError(f"alpha_bar at the last step is {alpha_bars[-1].item():.3g}, 0 in float32: "
+                         "no signal is left long before the end and the samplers would divide by "
+                         "sqrt(alpha_bar) = 0; use fewer steps T or smaller betas (alpha_bar_T of "
+                         "1e-5 to 1e-3 is usual)")
 
 
 class NoiseSchedule:
@@ -63,7 +91,11 @@ class NoiseSchedule:
     """
 
     def __init__(self, betas: Tensor, device: torch.device | str | None = None):
-        betas = torch.as_tensor(betas, dtype=torch.float64).detach().cpu()
+        try:
+            betas = torch.as_tensor(betas, dtype=torch.float64).detach().cpu()
+        except (TypeError, ValueError, RuntimeError) as e:
+            raise ValueError("betas must be a 1-D sequence of numbers, "
+                             f"got {type(betas).__name__}: {e}") from e
         if betas.ndim != 1 or betas.numel() == 0:
             raise ValueError(f"betas must be a non-empty 1-D sequence, got shape {tuple(betas.shape)}")
         if not torch.isfinite(betas).all():
@@ -74,6 +106,7 @@ class NoiseSchedule:
         self.T = betas.numel()
         alphas = 1.0 - betas
         alpha_bars = torch.cumprod(alphas, dim=0)
+        _check_representable(betas, alphas, alpha_bars)
         alpha_bars_prev = torch.cat([torch.ones(1, dtype=torch.float64), alpha_bars[:-1]])
         beta_tilde = diffusion.posterior_variance(betas, alpha_bars, alpha_bars_prev)
         self._float64 = dict(betas=betas, alphas=alphas, alpha_bars=alpha_bars,
@@ -102,7 +135,12 @@ class NoiseSchedule:
 
     def float64(self, name: str) -> Tensor:
         """One of the schedule's tensors in float64 on the CPU (for exact checks)."""
-        return self._float64[name].clone()
+        return self._float64[self._check_name(name)].clone()
+
+    def _check_name(self, name: str) -> str:
+        if name not in self._float64:
+            raise ValueError(f"the schedule has no tensor {name!r}; it has {', '.join(self._float64)}")
+        return name
 
     def __repr__(self) -> str:
         return (f"NoiseSchedule(T={self.T}, beta_1={self.betas[0].item():.3g}, "
@@ -128,11 +166,14 @@ class NoiseSchedule:
 
         ``t`` is an int or an integer tensor of shape () or (B,), every value in 0 .. T-1.
         """
-        if isinstance(t, bool):
-            raise ValueError(f"timestep must be an integer in 0..{self.T - 1}, got {t!r}")
-        t = torch.as_tensor(t)
-        if t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
-            raise ValueError(f"timesteps must be integers (0-based, 0..{self.T - 1}), got dtype {t.dtype}")
+        wanted = f"an integer in 0..{self.T - 1} or an integer tensor of shape () or (B,)"
+        if isinstance(t, (bool, str, bytes)) or t is None:
+            raise ValueError(f"the timestep t must be {wanted}, got {t!r}")
+        try:
+            t = torch.as_tensor(t)
+        except (TypeError, ValueError, RuntimeError) as e:
+            raise ValueError(f"the timestep t must be {wanted}, got {type(t).__name__}: {e}") from e
+        integer_dtype(f"timesteps t (0-based, 0..{self.T - 1})", t)
         if t.ndim > 1:
             raise ValueError(f"timesteps must be a scalar or 1-D tensor (B,), got shape {tuple(t.shape)}")
         # A value check reads t back from the GPU (a synchronisation) and splits a torch.compile
@@ -159,7 +200,7 @@ class NoiseSchedule:
             raise ValueError(f"the schedule lives on {self.device} but x is on {x.device}; "
                              f"use schedule = schedule.to({str(x.device)!r})")
         t = self.check_t(t, batch_size=x.shape[0])
-        c = self._exact[coef][t] if isinstance(coef, str) else coef[t]
+        c = self._exact[self._check_name(coef)][t] if isinstance(coef, str) else coef[t]
         return c.expand(x.shape[0]).reshape(-1, *([1] * (x.ndim - 1)))
 
     @staticmethod
@@ -177,10 +218,15 @@ class NoiseSchedule:
 
     def _check_same_shape(self, **tensors) -> None:
         for name, v in tensors.items():
-            self._check_finite(name, v)
+            self._check_float(name, v)
         shapes = {name: tuple(v.shape) for name, v in tensors.items()}
         if len(set(shapes.values())) > 1:
             raise ValueError(f"shapes must match, got {shapes}")
+        devices = {name: str(v.device) for name, v in tensors.items()}
+        if len(set(devices.values())) > 1:
+            raise ValueError(f"the tensors must be on one device, got {devices}")
+        for name, v in tensors.items():
+            self._check_finite(name, v)
 
     # -- the forward process -------------------------------------------------------------
     def q_sample(self, x0: Tensor, t, noise: Tensor | None = None, generator: torch.Generator | None = None):

@@ -20,7 +20,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .checks import check_values
+from .checks import check_values, integer, integer_dtype, integers, real
 
 Tensor = torch.Tensor
 
@@ -32,12 +32,22 @@ def sinusoidal_embedding(t: Tensor, dim: int, max_period: float = 10000.0) -> Te
     ``w_k = max_period ** (-k / (dim/2))``, k = 0 .. dim/2 - 1.
     ``t``: (B,) integers or floats. Returns (B, dim) float32.
     """
-    if dim % 2 != 0 or dim < 2:
-        raise ValueError(f"the embedding dimension must be even and positive, got {dim}")
+    _check_embedding_dim("the embedding dimension", dim)
+    if t.ndim != 1:
+        raise ValueError(f"timesteps t must have shape (B,), got {tuple(t.shape)}")
     half = dim // 2
     freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
     angles = t.float()[:, None] * freqs[None, :]
     return torch.cat([torch.sin(angles), torch.cos(angles)], dim=1)
+
+
+def _check_embedding_dim(name: str, dim) -> int:
+    """A sinusoidal embedding is made of (sin, cos) pairs: its size must be an even integer >= 2."""
+    dim = integer(name, dim, minimum=2)
+    if dim % 2:
+        raise ValueError(f"{name} must be even (the sinusoidal time embedding is made of sin/cos "
+                         f"pairs), got {dim}")
+    return dim
 
 
 class TimeEmbedding(nn.Module):
@@ -49,7 +59,8 @@ class TimeEmbedding(nn.Module):
         self.mlp = nn.Sequential(nn.Linear(self.sinusoid_dim, dim), nn.SiLU(), nn.Linear(dim, dim))
 
     def forward(self, t: Tensor) -> Tensor:
-        return self.mlp(sinusoidal_embedding(t, self.sinusoid_dim))
+        # in the MLP's dtype, so a network converted with .half() or .bfloat16() works too
+        return self.mlp(sinusoidal_embedding(t, self.sinusoid_dim).to(self.mlp[0].weight.dtype))
 
 
 def _groups(channels: int, max_groups: int = 32, min_group_size: int = 4) -> int:
@@ -96,7 +107,7 @@ class AttentionBlock(nn.Module):
 
     def __init__(self, channels: int, num_heads: int = 1):
         super().__init__()
-        if channels % num_heads != 0:
+        if channels % integer("num_heads", num_heads, minimum=1) != 0:
             raise ValueError(f"channels ({channels}) must be divisible by num_heads ({num_heads})")
         self.num_heads = num_heads
         self.norm = nn.GroupNorm(_groups(channels), channels)
@@ -133,8 +144,10 @@ class Upsample(nn.Module):
         return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
 
 
-def _check_input(x: Tensor, t: Tensor, in_channels: int, divisor: int):
-    """Validate (x_t, t) for a network; return t as a (B,) tensor on x's device."""
+def _check_input(x: Tensor, t: Tensor, in_channels: int, divisor: int, weight: Tensor):
+    """Validate (x_t, t) for a network whose first layer has ``weight``; return t as a (B,)
+    tensor on x's device. Shape, dtype and device checks only (free); the one value check,
+    integral float timesteps, runs where :func:`ddpm_lib.checks.check_values` allows."""
     if not isinstance(x, torch.Tensor) or x.ndim != 4:
         raise ValueError(f"x_t must be a tensor of shape (B, C, H, W), got "
                          f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
@@ -144,14 +157,34 @@ def _check_input(x: Tensor, t: Tensor, in_channels: int, divisor: int):
     if H % divisor or W % divisor:
         raise ValueError(f"H and W must be divisible by {divisor} for this network's "
                          f"{int(math.log2(divisor))} downsampling step(s), got {H}x{W}")
+    _check_input_dtype(x, weight)
+    if t is None or isinstance(t, (str, bytes)):
+        raise ValueError(f"t must be integer timesteps, an int or a tensor of shape ({B},), "
+                         f"got {t!r}")
     t = torch.as_tensor(t, device=x.device)
-    if t.is_floating_point() and not torch.equal(t, t.round()):
-        raise ValueError("timesteps must be integers (0-based)")
+    if t.is_complex() or t.dtype == torch.bool or (t.is_floating_point() and check_values()
+                                                    and not torch.equal(t, t.round())):
+        raise ValueError(f"timesteps must be integers (0-based), got dtype {t.dtype}")
     if t.ndim == 0:
         t = t.expand(B)
     if t.shape != (B,):
         raise ValueError(f"t must have shape ({B},) for a batch of {B}, got {tuple(t.shape)}")
     return t
+
+
+def _check_input_dtype(x: Tensor, weight: Tensor) -> None:
+    """x_t must be a float tensor on the network's device, of its weights' dtype (under
+    autocast, any float dtype but float64: autocast converts it)."""
+    if x.device != weight.device:
+        raise ValueError(f"x_t is on {x.device} but the network is on {weight.device}: "
+                         f"move one of them, e.g. x_t.to({str(weight.device)!r})")
+    if not x.is_floating_point():
+        raise ValueError("x_t must be a floating-point tensor (images in [-1, 1]), "
+                         f"got dtype {x.dtype}: convert it with x_t.float()")
+    if x.dtype != weight.dtype and (x.dtype == torch.float64
+                                    or not torch.is_autocast_enabled(x.device.type)):
+        raise ValueError(f"x_t has dtype {x.dtype} but the network's weights are {weight.dtype}: "
+                         f"convert it with x_t.to({weight.dtype}) (x_t.float() for float32)")
 
 
 class MinimalUNet(nn.Module):
@@ -163,6 +196,9 @@ class MinimalUNet(nn.Module):
 
     def __init__(self, in_channels: int = 1, channels: int = 32, time_dim: int = 64):
         super().__init__()
+        in_channels = integer("in_channels", in_channels, minimum=1)
+        channels = integer("channels", channels, minimum=1)
+        time_dim = _check_embedding_dim("time_dim", time_dim)
         self.in_channels = in_channels
         self.time_embedding = TimeEmbedding(time_dim)
         self.enc = nn.Sequential(nn.Conv2d(in_channels, channels, 3, padding=1), nn.SiLU())
@@ -177,7 +213,7 @@ class MinimalUNet(nn.Module):
         self.bias_dec = nn.Linear(time_dim, channels)
 
     def forward(self, x_t: Tensor, t: Tensor) -> Tensor:
-        t = _check_input(x_t, t, self.in_channels, 2)
+        t = _check_input(x_t, t, self.in_channels, 2, self.out.weight)
         emb = self.time_embedding(t)
         h1 = self.enc(x_t) + self.bias_enc(emb)[:, :, None, None]            # (B, c, H, W)
         h2 = self.mid(self.down(h1)) + self.bias_mid(emb)[:, :, None, None]  # (B, 2c, H/2, W/2)
@@ -210,16 +246,24 @@ class UNet(nn.Module):
                  num_res_blocks: int = 2, attention_resolutions=(7,), dropout: float = 0.1,
                  num_classes: int | None = None, image_size: int = 28, num_heads: int = 4):
         super().__init__()
-        channel_mults = tuple(channel_mults)
-        if not channel_mults or any(m < 1 for m in channel_mults):
-            raise ValueError(f"channel_mults must be a non-empty sequence of positive ints, got {channel_mults}")
+        in_channels = integer("in_channels", in_channels, minimum=1)
+        base_channels = _check_embedding_dim("base_channels", base_channels)
+        channel_mults = integers("channel_mults", channel_mults, minimum=1)
+        if not channel_mults:
+            raise ValueError("channel_mults must be a non-empty sequence of positive ints "
+                             "(one per level), got ()")
+        num_res_blocks = integer("num_res_blocks", num_res_blocks, minimum=1)
+        attention_resolutions = integers("attention_resolutions", attention_resolutions, minimum=1)
+        if num_classes is not None:
+            num_classes = integer("num_classes", num_classes, minimum=1)
+        image_size = integer("image_size", image_size, minimum=1)
+        num_heads = integer("num_heads", num_heads, minimum=1)
         if image_size % 2 ** (len(channel_mults) - 1):
             raise ValueError(f"image_size {image_size} is not divisible by 2**{len(channel_mults) - 1}, "
                              f"needed for {len(channel_mults)} levels")
-        if not 0 <= dropout < 1:
+        if not 0 <= real("dropout", dropout) < 1:
             raise ValueError(f"dropout must be in [0, 1), got {dropout}")
-        if num_classes is not None and num_classes < 1:
-            raise ValueError(f"num_classes must be a positive int or None, got {num_classes}")
+        _check_heads(num_heads, base_channels, channel_mults, attention_resolutions, image_size)
         self.config = dict(in_channels=in_channels, base_channels=base_channels,
                            channel_mults=list(channel_mults), num_res_blocks=num_res_blocks,
                            attention_resolutions=list(attention_resolutions), dropout=dropout,
@@ -233,8 +277,7 @@ class UNet(nn.Module):
 
         def level_blocks(c_in, c_out, res):
             return ResBlock(c_in, c_out, emb_dim, dropout), (
-                AttentionBlock(c_out, num_heads if c_out % num_heads == 0 else 1)
-                if res in attention_resolutions else nn.Identity())
+                AttentionBlock(c_out, num_heads) if res in attention_resolutions else nn.Identity())
 
         self.conv_in = nn.Conv2d(in_channels, base_channels, 3, padding=1)
         self.down = nn.ModuleList()
@@ -251,7 +294,7 @@ class UNet(nn.Module):
                 skip_channels.append(ch)
                 res //= 2
         self.mid = nn.ModuleList([ResBlock(ch, ch, emb_dim, dropout),
-                                  AttentionBlock(ch, num_heads if ch % num_heads == 0 else 1),
+                                  AttentionBlock(ch, num_heads),
                                   ResBlock(ch, ch, emb_dim, dropout)])
         self.up = nn.ModuleList()
         for i, mult in reversed(list(enumerate(channel_mults))):
@@ -266,16 +309,17 @@ class UNet(nn.Module):
         self.conv_out = nn.Conv2d(ch, in_channels, 3, padding=1)
 
     def forward(self, x_t: Tensor, t: Tensor, y: Tensor | None = None) -> Tensor:
-        t = _check_input(x_t, t, self.in_channels, self.divisor)
+        t = _check_input(x_t, t, self.in_channels, self.divisor, self.conv_in.weight)
         emb = self.time_embedding(t)
         if self.class_embedding is not None:
             if y is None:
-                y = torch.full_like(t, self.num_classes)
+                y = torch.full_like(t, self.num_classes, dtype=torch.long)
             y = torch.as_tensor(y, device=x_t.device)
+            integer_dtype("class labels y", y, "; convert them with y.long()")
             if y.shape != t.shape:
                 raise ValueError(f"labels y must have shape {tuple(t.shape)}, got {tuple(y.shape)}")
             # (a value check reads the labels back from the GPU: skipped where checks.py says)
-            if check_values() and (y.min() < 0 or y.max() > self.num_classes):
+            if y.numel() and check_values() and (y.min() < 0 or y.max() > self.num_classes):
                 raise ValueError(f"labels must lie in 0..{self.num_classes - 1} "
                                  f"(or {self.num_classes} for 'no class')")
             emb = emb + self.class_embedding(y.long())
@@ -299,6 +343,20 @@ class UNet(nn.Module):
                 block, attn = layer
                 h = attn(block(torch.cat([h, skips.pop()], dim=1), emb))
         return self.conv_out(F.silu(self.norm_out(h)))
+
+
+def _check_heads(num_heads: int, base_channels: int, channel_mults, attention_resolutions,
+                 image_size: int) -> None:
+    """num_heads must divide the channels of every attention layer: the levels whose size is in
+    ``attention_resolutions`` and the middle block (the last level's channels)."""
+    sizes = [image_size // 2 ** i for i in range(len(channel_mults))]
+    channels = {base_channels * m for m, size in zip(channel_mults, sizes)
+                if size in attention_resolutions}
+    channels.add(base_channels * channel_mults[-1])
+    if any(c % num_heads for c in channels):
+        raise ValueError(f"num_heads ({num_heads}) must divide the channels of every attention "
+                         f"layer, {sorted(channels)} here: choose a num_heads that divides "
+                         f"{math.gcd(*channels)}")
 
 
 def count_parameters(module: nn.Module) -> int:

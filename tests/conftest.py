@@ -55,6 +55,29 @@ def write_fake_cifar10(folder, per_batch=2, seed=0):
     return batches
 
 
+def write_idx(path, array):
+    """A uint8 array in the IDX format of MNIST (gzipped when the name ends in .gz)."""
+    import gzip
+    array = np.asarray(array, dtype=np.uint8)
+    sizes = b"".join(int(n).to_bytes(4, "big") for n in array.shape)
+    header = bytes([0, 0, 0x08, array.ndim]) + sizes
+    opener = gzip.open if str(path).endswith(".gz") else open
+    with opener(path, "wb") as f:
+        f.write(header + array.tobytes())
+
+
+def write_fake_idx_dataset(folder, train_labels, test_labels):
+    """The four files of an MNIST-style dataset in ``folder``: 28x28 images (all pixels equal to
+    the label) and the given labels, gzipped."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for prefix, labels in (("train", train_labels), ("t10k", test_labels)):
+        labels = np.asarray(labels, dtype=np.uint8)
+        images = np.repeat(labels, 28 * 28).reshape(-1, 28, 28)
+        write_idx(folder / f"{prefix}-images-idx3-ubyte.gz", images)
+        write_idx(folder / f"{prefix}-labels-idx1-ubyte.gz", labels)
+    return folder
+
+
 @pytest.fixture
 def fake_cifar10(tmp_path, monkeypatch):
     """Two images per batch file in CIFAR-10's format, found through DDPM_DATA; the batches as written."""

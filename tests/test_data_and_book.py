@@ -1,6 +1,11 @@
+import os
+import pickle
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
+from conftest import write_fake_idx_dataset
 
 from ddpm_lib import book, data
 from ddpm_lib.viz import make_grid
@@ -112,3 +117,117 @@ def test_cifar10_python_batches(fake_cifar10):
     assert y.tolist() == sum((batches[f"data_batch_{i}"][b"labels"] for i in range(1, 6)), [])
     x_test, y_test = data.load("cifar10", "test", limit=1)
     assert x_test.shape == (1, 3, 32, 32) and y_test.tolist() == batches["test_batch"][b"labels"][:1]
+
+
+# ----------------------------------------------------------------------------- bad input
+
+def create_file(path):
+    Path(path).touch()
+
+
+class CreatesAFile:
+    """A pickle payload: loading it calls create_file(path)."""
+
+    def __init__(self, path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return create_file, (self.path,)
+
+
+def test_cifar10_batch_that_runs_code_is_refused(fake_cifar10, tmp_path):
+    marker = tmp_path / "the_payload_ran"
+    batch = Path(os.environ["DDPM_DATA"]) / "cifar-10-batches-py" / "data_batch_3"
+    with open(batch, "wb") as f:
+        pickle.dump({b"data": CreatesAFile(marker), b"labels": [0]}, f)
+    with pytest.raises(pickle.UnpicklingError) as info:
+        data.load("cifar10", "train")
+    assert not marker.exists()
+    assert str(batch) in str(info.value)
+    assert f"{create_file.__module__}.create_file" in str(info.value)
+    with open(batch, "rb") as f:       # the payload works: plain pickle.load runs it
+        pickle.load(f)
+    assert marker.exists()
+
+
+@pytest.mark.parametrize("protocol", [2, 3, 4, 5])
+@pytest.mark.parametrize("core", ["numpy._core", "numpy.core"])
+def test_cifar_unpickler_reads_numpy_arrays(tmp_path, protocol, core):
+    """What the format needs: NumPy arrays, pickled by any protocol, under NumPy 1's module name
+    (numpy.core: the real CIFAR-10 files) or NumPy 2's (numpy._core)."""
+    rows = np.arange(2 * 3072, dtype=np.uint32).astype(np.uint8).reshape(2, 3072)
+    raw = pickle.dumps({b"data": rows, b"labels": [3, 7]}, protocol=protocol)
+    other = "numpy.core" if core == "numpy._core" else "numpy._core"
+    if protocol == 2:   # module names are text lines there: write the one under test
+        raw = raw.replace(f"{other}.multiarray".encode(), f"{core}.multiarray".encode())
+    path = tmp_path / "batch"
+    path.write_bytes(raw)
+    images, labels = data._read_cifar([path])
+    assert np.array_equal(images.reshape(2, 3072), rows) and labels.tolist() == [3, 7]
+
+
+def test_damaged_cifar10_batch_says_which_file(fake_cifar10):
+    batch = Path(os.environ["DDPM_DATA"]) / "cifar-10-batches-py" / "test_batch"
+    batch.write_bytes(batch.read_bytes()[:100])
+    with pytest.raises(ValueError, match="test_batch is damaged.*fresh copy"):
+        data.load("cifar10", "test")
+
+
+def test_mnist_files_are_told_apart_from_fashion_mnist(tmp_path, monkeypatch):
+    """Both datasets use the same file names: the first labels say which is which."""
+    fashion = data.find_files("fashion_mnist", "train")[0].parent
+    monkeypatch.setenv("DDPM_DATA", str(fashion))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(FileNotFoundError) as info:
+        data.load("mnist", "test", download=False)
+    message = str(info.value)
+    assert f"{fashion} holds the Fashion-MNIST test files" in message and "'mnist'" in message
+    # with MNIST in a folder of its own beside them, each name finds its own files
+    root = tmp_path / "datasets"
+    write_fake_idx_dataset(root, data.LABEL_FINGERPRINTS["fashion_mnist", "train"],
+                           data.LABEL_FINGERPRINTS["fashion_mnist", "test"])
+    write_fake_idx_dataset(root / "mnist", data.LABEL_FINGERPRINTS["mnist", "train"],
+                           data.LABEL_FINGERPRINTS["mnist", "test"])
+    monkeypatch.setenv("DDPM_DATA", str(root))
+    _, y = data.load("mnist", "train")
+    assert tuple(y.tolist()) == data.LABEL_FINGERPRINTS["mnist", "train"]
+    _, y = data.load("fashion_mnist", "test")
+    assert tuple(y.tolist()) == data.LABEL_FINGERPRINTS["fashion_mnist", "test"]
+    # MNIST where Fashion-MNIST is asked for is skipped: the Debian package's files are found
+    monkeypatch.setenv("DDPM_DATA", str(root / "mnist"))
+    _, y = data.load("fashion_mnist", "train", limit=10)
+    assert tuple(y.tolist()) == data.LABEL_FINGERPRINTS["fashion_mnist", "train"]
+
+
+def test_label_fingerprints_match_the_installed_fashion_mnist():
+    for split in ("train", "test"):
+        labels_file = data.find_files("fashion_mnist", split)[1]
+        assert data.identify(labels_file) == ("fashion_mnist", split)
+
+
+@pytest.mark.parametrize("damage", ["truncated", "not gzip"])
+def test_damaged_gzip_file_says_which_and_how_to_replace_it(tmp_path, monkeypatch, damage):
+    write_fake_idx_dataset(tmp_path, [1, 2, 3], [4, 5, 6])
+    images = tmp_path / "t10k-images-idx3-ubyte.gz"
+    raw = images.read_bytes()
+    images.write_bytes(raw[:len(raw) // 2] if damage == "truncated" else b"not a gzip file at all")
+    monkeypatch.setenv("DDPM_DATA", str(tmp_path))
+    with pytest.raises(ValueError) as info:
+        data.load("fashion_mnist", "test")
+    assert f"{images} is damaged" in str(info.value) and "fresh copy" in str(info.value)
+    debian = data._fresh_copy_advice(Path("/usr/share/datasets/fashion-mnist/t10k-labels.gz"))
+    assert "apt-get install --reinstall dataset-fashion-mnist" in debian
+
+
+def test_more_bad_arguments_of_load_and_to_uint8():
+    assert data.load("fashion_mnist", "test", limit=np.int64(3))[1].tolist() == [9, 2, 1]
+    for limit in (True, 2.5, -1):
+        with pytest.raises(ValueError, match="limit"):
+            data.load("fashion_mnist", "test", limit=limit)
+    with pytest.raises(ValueError, match="unknown dataset"):
+        data.load(None)
+    with pytest.raises(ValueError, match="already uint8"):
+        data.to_uint8(torch.zeros(1, 1, 2, 2, dtype=torch.uint8))
+    with pytest.raises(ValueError, match="NaN"):
+        data.to_uint8(torch.full((1, 1, 2, 2), float("nan")))

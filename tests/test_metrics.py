@@ -11,6 +11,14 @@ from ddpm_lib import metrics
 from ddpm_lib.data import load, to_uint8
 
 
+def exact_distances(a, b):
+    """Euclidean distances between the rows of a (M, D) and b (N, D) in float64, from the
+    differences themselves. (torch.cdist takes a matrix-multiply route for more than 25 rows,
+    |a|^2 + |b|^2 - 2 a.b, whose rounding makes the distance of a row to itself about 1e-6
+    instead of 0, differently on different CPUs.) Relative error about 1e-15."""
+    return (a.double()[:, None, :] - b.double()[None, :, :]).norm(dim=2)
+
+
 def random_spd(d, gen, floor=0.1):
     a = torch.randn(d, d, generator=gen, dtype=torch.float64)
     return a @ a.T / d + floor * torch.eye(d, dtype=torch.float64)
@@ -137,9 +145,11 @@ def test_precision_recall_on_toy_manifolds(gen):
 
 def test_knn_radii_brute_force(gen):
     f = torch.randn(30, 3, generator=gen, dtype=torch.float64)
-    d = torch.cdist(f, f)
-    expected = d.sort(dim=1).values[:, 3]
-    assert torch.allclose(metrics.knn_radii(f, k=3, chunk_size=7), expected)
+    expected = exact_distances(f, f).sort(dim=1).values[:, 3]
+    # knn_radii uses torch.cdist in float64, whose |a|^2 + |b|^2 - 2 a.b route rounds away a few
+    # 1e-16 of |a|^2 (about 3 here; 2e-6 absolute for the 784-pixel rows below, measured): radii
+    # of order 1 agree to far better than 1e-9, on any CPU
+    assert torch.allclose(metrics.knn_radii(f, k=3, chunk_size=7), expected, rtol=1e-9, atol=1e-9)
 
 
 # ----------------------------------------------------------------------------- class statistics
@@ -158,10 +168,10 @@ def test_nearest_neighbours_brute_force(gen):
     nn = metrics.nearest_neighbours(samples, train, k=3, chunk_size=64)
     assert nn["indices"][:3, 0].tolist() == [5, 123, 299]
     assert torch.all(nn["distances"][:3, 0] == 0)
-    d = torch.cdist(samples.flatten(1).double(), train.flatten(1).double())
-    expected_d, expected_i = d.sort(dim=1)
+    expected_d, expected_i = exact_distances(samples.flatten(1), train.flatten(1)).sort(dim=1)
     assert torch.equal(nn["indices"], expected_i[:, :3])
-    assert torch.allclose(nn["distances"], expected_d[:, :3])
+    # both are float64 norms of the same differences, summed in a different order: ~1e-15 relative
+    assert torch.allclose(nn["distances"], expected_d[:, :3], rtol=1e-12, atol=0)
     # uint8 NumPy arrays (N, H, W), as `python -m ddpm_lib sample --npy` writes them
     nn_u8 = metrics.nearest_neighbours(to_uint8(samples)[:3, 0], to_uint8(train)[:, 0], k=1)
     assert nn_u8["indices"][:, 0].tolist() == [5, 123, 299] and torch.all(nn_u8["distances"] == 0)
@@ -237,7 +247,8 @@ def test_damaged_images_score_worse_than_held_out_images(fashion):
     held_out = metrics.frechet_distance(ref, fashion["test_feats"][:500])
     blurred = metrics.frechet_distance(ref, metrics.extract_features(F.avg_pool2d(test, 3, 1, 1)))
     shifted = metrics.frechet_distance(ref, metrics.extract_features(test.roll(4, dims=3)))
-    noisy = metrics.frechet_distance(ref, metrics.extract_features(test + 0.3 * torch.randn_like(test)))
+    noisy_images = (test + 0.3 * torch.randn_like(test)).clamp(-1, 1)    # images stay in [-1, 1]
+    noisy = metrics.frechet_distance(ref, metrics.extract_features(noisy_images))
     assert blurred > 2 * held_out and shifted > 2 * held_out and noisy > 2 * held_out
     kid_held_out = metrics.kid(ref, fashion["test_feats"][:500], subsets=10, subset_size=500)
     kid_blurred = metrics.kid(ref, metrics.extract_features(F.avg_pool2d(test, 3, 1, 1)), subsets=10, subset_size=500)
@@ -257,7 +268,11 @@ def test_evaluate(fashion):
     real = metrics.evaluate(test[:300], real_features=fashion["train_feats"], kid_subsets=5, kid_subset_size=300)
     assert set(real) >= {"fid", "kid", "kid_std", "precision", "recall", "entropy", "confidence", "n", "n_real"}
     assert real["n"] == 300 and real["n_real"] == 6000
-    assert real["fid"] == pytest.approx(metrics.frechet_distance(fashion["train_feats"], fashion["test_feats"][:300]))
+    # the same features as evaluate computes them (a batch of 300: a float32 convolution's rounding
+    # can depend on the batch size, and the Frechet distance, a difference of traces, magnifies it)
+    same_features = metrics.extract_features(test[:300])
+    same_fid = metrics.frechet_distance(fashion["train_feats"], same_features)
+    assert real["fid"] == pytest.approx(same_fid, rel=1e-9)
     assert real["precision"] > 0.6 and real["recall"] > 0.6 and real["entropy"] > 2.2
     blurred = metrics.evaluate(F.avg_pool2d(test[:300], 3, 1, 1), real=fashion["train"][:3000],
                                kid_subsets=5, kid_subset_size=300)
@@ -277,3 +292,55 @@ def test_nearest_training_image_is_itself(fashion):
     assert nn["feature_indices"][:, 0].tolist() == [0, 2500, 5999]
     held_out = metrics.nearest_neighbours(fashion["test"][:20], train)
     assert torch.all(held_out["distances"] > 0)
+
+
+# ----------------------------------------------------------------------------- bad input
+
+def test_float_images_outside_minus_one_one_are_refused(gen):
+    x = torch.rand(40, 1, 28, 28, generator=gen) * 2 - 1
+    pixels = ((x + 1) * 127.5).round()                      # 0..255 as floats
+    mean_and_std = lambda im: torch.stack([im.mean((1, 2, 3)), im.std((1, 2, 3))], 1)  # noqa: E731
+    with pytest.raises(ValueError, match=r"range from 0 to 255.*uint8.*x / 127.5 - 1"):
+        metrics.fid(pixels, x, extractor=mean_and_std)
+    as_uint8 = metrics.fid(pixels.to(torch.uint8), x, extractor=mean_and_std)
+    as_floats = metrics.fid(pixels / 127.5 - 1, x, extractor=mean_and_std)
+    assert as_uint8 == pytest.approx(as_floats, abs=1e-9) and as_uint8 < 1e-3
+    # rounding-sized overshoot, as a sampler's last step leaves it, is clamped
+    assert metrics.as_float_images(x.clamp(-1, 1) * 1.0005).abs().max().item() == 1.0
+    with pytest.raises(ValueError, match="NaN"):
+        metrics.as_float_images(torch.full((2, 1, 28, 28), float("nan")))
+    with pytest.raises(ValueError, match="grey 28x28"):
+        metrics.extract_features(torch.zeros(2, 3, 32, 32))
+
+
+def test_metric_arguments_are_checked(gen):
+    a, b = torch.randn(50, 8, generator=gen), torch.randn(50, 8, generator=gen)
+    for kwargs, message in ((dict(subsets=0), "subsets"), (dict(subset_size=1), "subset_size"),
+                            (dict(subsets=2.5), "subsets")):
+        with pytest.raises(ValueError, match=message):
+            metrics.kid(a, b, **kwargs)
+    with pytest.raises(ValueError, match="m, n >= 2"):
+        metrics.mmd2_unbiased(a[:1], b[:1])
+    with pytest.raises(ValueError, match="dimensions differ: real_feats has 8, fake_feats 4"):
+        metrics.precision_recall(a, b[:, :4])
+    with pytest.raises(ValueError, match="k must"):
+        metrics.precision_recall(a, b, k=0)
+    images = torch.rand(6, 1, 28, 28, generator=gen) * 2 - 1
+    for k in (0, -1, 1.5):
+        with pytest.raises(ValueError, match="k must be an integer"):
+            metrics.nearest_neighbours(images[:2], images, k=k)
+    with pytest.raises(ValueError, match="784 values each but the reference rows 196"):
+        metrics.nearest_neighbours(images[:2], torch.zeros(5, 1, 14, 14))
+    with pytest.raises(ValueError, match="train_features has 3 rows but train_images 6"):
+        metrics.nearest_neighbours(images[:2], images, train_features=torch.zeros(3, 128))
+    with pytest.raises(ValueError, match="chunk_size"):
+        metrics.nearest_neighbours(images[:2], images, chunk_size=0)
+    with pytest.raises(ValueError, match="batch_size"):
+        metrics.extract_features(images, batch_size=0)
+    with pytest.raises(ValueError, match="labels must be integers"):
+        metrics.classifier_accuracy(images, torch.full((6,), 1.5))
+    for histogram in ([0, 0, 0], [1, -1, 3]):
+        with pytest.raises(ValueError, match="histogram"):
+            metrics.histogram_entropy(histogram)
+    with pytest.raises(ValueError, match="NaN"):
+        metrics.frechet_distance_from_statistics([float("nan")], [[1.0]], [0.0], [[1.0]])

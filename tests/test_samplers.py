@@ -391,3 +391,29 @@ def test_guided_model_arguments():
         guided_model(model, torch.tensor([0, 1, 2]), 2.0)(x, t)
     with pytest.raises(ValueError, match="integers"):
         guided_model(model, 0.5, 2.0)(x, t)
+
+
+def test_sampler_arguments_of_the_wrong_type(linear):
+    model = gaussian_eps_predictor(linear, MU, S)
+    for sample in (ddpm_sample, ddim_sample, dpm_solver_sample):
+        with pytest.raises(ValueError, match=r"shape \(B, C, H, W\)\[0\] must be an integer >= 1"):
+            sample(model, linear, (8.5, 1, 28, 28))
+        with pytest.raises(ValueError, match="schedule must be a NoiseSchedule"):
+            sample(model, (1, 1, 2, 2), linear)
+        with pytest.raises(ValueError, match="model must return a tensor"):
+            sample(lambda x, t: (x,), linear, (1, 1, 2, 2))
+        with pytest.raises(ValueError, match="x_T must be a floating-point tensor"):
+            sample(model, linear, (1, 1, 2, 2), x_T=torch.zeros(1, 1, 2, 2, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"timesteps\[0\] must be an integer"):
+        ddim_sample(model, linear, (1, 1, 2, 2), timesteps=[999.5, 10])
+    with pytest.raises(ValueError, match="eta must be a finite real number"):
+        ddim_sample(model, linear, (1, 1, 2, 2), eta="0.5")
+    with pytest.raises(ValueError, match="order must be an integer"):
+        dpm_solver_sample(model, linear, (1, 1, 2, 2), order=True)
+    with pytest.raises(ValueError, match="null_class must be an integer"):
+        guided_model(LabelledModel(), 1, 2.0, null_class=3.5)
+    # any integer type is an integer: NumPy's, a tensor's
+    a = ddim_sample(model, linear, (2, 1, 2, 2), steps=5, x_T=torch.ones(2, 1, 2, 2))
+    b = ddim_sample(model, linear, torch.Size([2, 1, 2, 2]), steps=torch.tensor(5),
+                    x_T=torch.ones(2, 1, 2, 2), timesteps=torch.tensor(ddim_timesteps(1000, 5)))
+    assert torch.equal(a, b)

@@ -157,3 +157,45 @@ def test_bad_timesteps_and_shapes_raise(linear):
         linear.posterior(x0, torch.zeros(3, 1, 4, 4), 1)
     with pytest.raises(ValueError, match="floating"):
         linear.q_sample(torch.zeros(2, 1, 4, 4, dtype=torch.long), 3)
+
+
+def test_linear_betas_must_rise():
+    with pytest.raises(ValueError, match="beta_start .* is larger than beta_end .* swap"):
+        NoiseSchedule.linear(T=10, beta_start=0.02, beta_end=1e-4)
+    constant = NoiseSchedule.linear(T=5, beta_start=0.01, beta_end=0.01)
+    assert torch.equal(constant.betas, torch.full((5,), 0.01))
+
+
+def test_betas_too_small_for_float64_are_refused():
+    """1 - 1e-30 is 1 in float64: alpha_bar_0 = 1 and beta_tilde_1 = 0 / 0. Refused, with why."""
+    with pytest.raises(ValueError, match=r"beta at step t=0 is 1e-30.*1 - beta rounds to 1"):
+        NoiseSchedule(torch.tensor([1e-30, 0.1, 0.2], dtype=torch.float64))
+    small = NoiseSchedule(torch.tensor([1e-15, 0.1, 0.2], dtype=torch.float64))   # small, but there
+    for values in (small.beta_tilde, small.snr, small.log_snr, small.float64("beta_tilde")):
+        assert torch.isfinite(values).all()
+
+
+def test_alpha_bar_that_underflows_is_refused():
+    with pytest.raises(ValueError, match="alpha_bar at the last step .* 0 in float32"):
+        NoiseSchedule(torch.full((200,), 0.5))
+
+
+def test_T_of_any_integer_type():
+    np = pytest.importorskip("numpy")
+    for T in (np.int64(50), np.int32(50), torch.tensor(50)):
+        assert torch.equal(NoiseSchedule.linear(T).betas, NoiseSchedule.linear(50).betas)
+        assert torch.equal(NoiseSchedule.cosine(T).betas, NoiseSchedule.cosine(50).betas)
+    for T in (True, 50.0, "50"):
+        with pytest.raises(ValueError, match="T .the number of diffusion steps. must be an int"):
+            NoiseSchedule.linear(T)
+
+
+def test_timesteps_that_are_not_integers_say_what_t_must_be(linear):
+    x0 = torch.zeros(2, 1, 4, 4)
+    for t in ("5", None, object()):
+        with pytest.raises(ValueError, match=r"timestep t must be an integer in 0..999 or an int"):
+            linear.q_sample(x0, t)
+    with pytest.raises(ValueError, match="on one device"):
+        linear.q_sample(x0, 3, torch.zeros(2, 1, 4, 4, device="meta"))
+    with pytest.raises(ValueError, match="the schedule has no tensor 'alpha_bar'; it has betas"):
+        linear.float64("alpha_bar")

@@ -76,3 +76,87 @@ def test_bad_inputs_raise():
         UNet(channel_mults=(1, 2, 2, 2), image_size=28)
     with pytest.raises(ValueError, match="dropout"):
         UNet(dropout=1.5)
+
+
+SMALL = dict(base_channels=16, channel_mults=(1, 2), num_res_blocks=1, attention_resolutions=(14,))
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(num_res_blocks=-1), "num_res_blocks must be an integer >= 1"),
+    (dict(num_res_blocks=0), "num_res_blocks must be an integer >= 1"),
+    (dict(base_channels=0), "base_channels must be an integer >= 2"),
+    (dict(base_channels=-8), "base_channels must be an integer >= 2"),
+    (dict(base_channels=7), "base_channels must be even"),
+    (dict(base_channels=16.0), "base_channels must be an integer"),
+    (dict(num_heads=0), "num_heads must be an integer >= 1"),
+    (dict(num_heads=3), r"num_heads \(3\) must divide the channels of every attention layer, \[32"),
+    (dict(in_channels=0), "in_channels must be an integer >= 1"),
+    (dict(channel_mults=(1.5, 2)), r"channel_mults\[0\] must be an integer"),
+    (dict(channel_mults=()), "channel_mults must be a non-empty sequence"),
+    (dict(channel_mults=2), "channel_mults must be a sequence of integers"),
+    (dict(attention_resolutions=("14",)), r"attention_resolutions\[0\] must be an integer"),
+    (dict(attention_resolutions=(14.0,)), r"attention_resolutions\[0\] must be an integer"),
+    (dict(dropout=-0.1), r"dropout must be in \[0, 1\)"),
+    (dict(dropout=1.0), r"dropout must be in \[0, 1\)"),
+    (dict(dropout="0.1"), "dropout must be a finite real number"),
+    (dict(num_classes=0), "num_classes must be an integer >= 1"),
+    (dict(num_classes=10.0), "num_classes must be an integer >= 1"),
+    (dict(image_size=0), "image_size must be an integer >= 1"),
+    (dict(image_size=27), "image_size 27 is not divisible by 2"),
+])
+def test_unet_arguments_are_checked(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        UNet(**{**SMALL, **kwargs})
+
+
+def test_minimal_unet_arguments_are_checked():
+    for kwargs, message in ((dict(channels=0), "channels"), (dict(in_channels=1.0), "in_channels"),
+                            (dict(time_dim=7), "time_dim must be even")):
+        with pytest.raises(ValueError, match=message):
+            MinimalUNet(**kwargs)
+
+
+def test_building_blocks_check_their_arguments():
+    with pytest.raises(ValueError, match="num_heads must be an integer >= 1"):
+        AttentionBlock(8, num_heads=0)
+    with pytest.raises(ValueError, match=r"t must have shape \(B,\)"):
+        sinusoidal_embedding(torch.zeros(2, 1), 8)
+
+
+def test_every_attention_layer_has_num_heads_heads():
+    """num_heads must divide every attention layer's channels: no silent fall-back to one head."""
+    model = UNet(**SMALL, num_heads=8)
+    heads = {m.num_heads for m in model.modules() if isinstance(m, AttentionBlock)}
+    assert heads == {8}
+
+
+def test_labels_must_be_integers():
+    from ddpm_lib.checks import trusted_inputs
+    model = UNet(**SMALL, num_classes=10).eval()
+    x, t = torch.randn(2, 1, 28, 28), torch.tensor([1, 2])
+    for y in (1.5, torch.tensor([1.0, 2.0]), torch.tensor([True, False])):
+        with pytest.raises(ValueError, match="class labels y must be integers"):
+            model(x, t, y)
+    with trusted_inputs():     # a dtype check costs nothing: it runs there too
+        with pytest.raises(ValueError, match="class labels y must be integers"):
+            model(x, t, torch.tensor([1.0, 2.0]))
+    assert model(x, t, torch.tensor([1, 2], dtype=torch.int32)).shape == x.shape
+    assert model(x, t.double()).shape == x.shape       # whole-number float t, and y=None
+
+
+def test_inputs_of_the_wrong_dtype_or_device():
+    model = UNet(**SMALL).eval()
+    x, t = torch.randn(2, 1, 28, 28), torch.tensor([1, 2])
+    with pytest.raises(ValueError, match=r"x_t has dtype torch.float64 .*x_t.float\(\)"):
+        model(x.double(), t)
+    for dtype in (torch.long, torch.uint8):
+        with pytest.raises(ValueError, match=r"floating-point .*x_t.float\(\)"):
+            model(x.to(dtype), t)
+    with pytest.raises(ValueError, match="x_t is on meta but the network is on cpu"):
+        model(x.to("meta"), t)
+    for bad_t in (None, "5", torch.tensor([1.5, 2.0]), torch.tensor([True, False])):
+        with pytest.raises(ValueError, match="t must|timesteps must"):
+            model(x, bad_t)
+    with torch.autocast("cpu", dtype=torch.bfloat16):      # autocast converts float32 x_t itself
+        assert model(x, t).shape == x.shape
+    assert model.to(torch.bfloat16)(x.bfloat16(), t).dtype == torch.bfloat16
