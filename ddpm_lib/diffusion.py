@@ -23,6 +23,8 @@ import math
 import torch
 import torch.nn.functional as F
 
+from .checks import real
+
 Tensor = torch.Tensor
 
 
@@ -126,18 +128,25 @@ def loss_simple(model, schedule, x0: Tensor, t: Tensor, eps: Tensor, y: Tensor |
     ``model(x_t, t)`` (or ``model(x_t, t, y)`` when labels ``y`` are given) predicts eps.
     ``reduction="none"`` returns one loss per image, shape ``(B,)``.
     """
+    if reduction not in ("mean", "none"):
+        raise ValueError(f"reduction must be 'mean' or 'none', got {reduction!r}")
+    if not isinstance(eps, torch.Tensor):
+        raise ValueError("eps (the noise added to x0) must be a tensor shaped like x0, "
+                         f"got {type(eps).__name__}")
     x_t, _ = schedule.q_sample(x0, t, eps)
     eps_pred = model(x_t, t) if y is None else model(x_t, t, y)
+    if not isinstance(eps_pred, torch.Tensor) or eps_pred.shape != eps.shape:
+        # F.mse_loss would broadcast a wrong shape, e.g. (B, 1, 1, 1), with only a warning
+        got = (tuple(eps_pred.shape) if isinstance(eps_pred, torch.Tensor)
+               else type(eps_pred).__name__)
+        raise ValueError(f"the model must return eps shaped like x_t, {tuple(eps.shape)}; "
+                         f"got {got}")
     per_image = F.mse_loss(eps_pred.float(), eps.float(), reduction="none").flatten(1).mean(1)
-    if reduction == "none":
-        return per_image
-    if reduction == "mean":
-        return per_image.mean()
-    raise ValueError(f"reduction must be 'mean' or 'none', got {reduction!r}")
+    return per_image if reduction == "none" else per_image.mean()
 
 
 # ----------------------------------------------------------------------------------------
-# The exact noise predictor for Gaussian data: a model with no error, for tests and the book
+# Exact noise predictors for data whose noised densities are known: models with no error
 # ----------------------------------------------------------------------------------------
 def gaussian_eps_predictor(schedule, mu: float, s: float):
     """The optimal eps-predictor E[eps | x_t] when the data are x0 ~ N(mu, s^2 I).
@@ -149,13 +158,58 @@ def gaussian_eps_predictor(schedule, mu: float, s: float):
     A sampler driven by it must produce samples with mean mu and standard deviation s.
     Returns a callable ``(x_t, t) -> eps`` like a trained network.
     """
-    if not (math.isfinite(mu) and math.isfinite(s) and s > 0):
+    mu, s = real("the mean mu", mu), real("the standard deviation s", s)
+    if not s > 0:
         raise ValueError(f"need a finite mean and a positive standard deviation, got mu={mu}, s={s}")
 
     def eps_model(x_t: Tensor, t: Tensor) -> Tensor:
         alpha_bar = schedule.at("alpha_bars", t, x_t)
         x = x_t.to(alpha_bar.dtype)
         eps = torch.sqrt(1 - alpha_bar) * (x - torch.sqrt(alpha_bar) * mu) / (alpha_bar * s**2 + 1 - alpha_bar)
+        return eps.to(x_t.dtype)
+
+    return eps_model
+
+
+def gaussian_mixture_eps_predictor(schedule, means, stds, weights=None):
+    """The optimal eps-predictor E[eps | x_t] when the data are a mixture of Gaussians,
+    x0 ~ sum_k pi_k N(mu_k, s_k^2 I), points of shape (D,).
+
+    Given component k, x_t ~ N(sqrt(alpha_bar) mu_k, v_k I) with
+    v_k = alpha_bar s_k^2 + 1 - alpha_bar, and E[eps | x_t, k] is the Gaussian case of
+    :func:`gaussian_eps_predictor`. Averaged over the posterior of the component,
+    r_k(x_t) = pi_k N(x_t; sqrt(alpha_bar) mu_k, v_k I) / p_t(x_t)::
+
+        E[eps | x_t] = sum_k r_k(x_t) sqrt(1 - alpha_bar) (x_t - sqrt(alpha_bar) mu_k) / v_k
+
+    ``means`` (K, D), ``stds`` (K,), ``weights`` (K,) (equal if None). Returns a callable
+    ``(x_t (B, D), t (B,)) -> eps (B, D)`` like a trained network.
+    """
+    means = torch.as_tensor(means, dtype=torch.float64)
+    means = means[:, None] if means.ndim == 1 else means
+    stds = torch.as_tensor(stds, dtype=torch.float64).reshape(-1)
+    K = means.shape[0]
+    weights = torch.full((K,), 1.0 / K, dtype=torch.float64) if weights is None else \
+        torch.as_tensor(weights, dtype=torch.float64).reshape(-1)
+    if means.ndim != 2 or stds.shape != (K,) or weights.shape != (K,):
+        raise ValueError(f"need means (K, D), stds (K,) and weights (K,); got {tuple(means.shape)}, "
+                         f"{tuple(stds.shape)}, {tuple(weights.shape)}")
+    if not (torch.isfinite(means).all() and (stds > 0).all() and (weights > 0).all()):
+        raise ValueError("means must be finite, stds and weights positive")
+    weights = weights / weights.sum()
+
+    def eps_model(x_t: Tensor, t: Tensor) -> Tensor:
+        if x_t.ndim != 2 or x_t.shape[1] != means.shape[1]:
+            raise ValueError(f"x_t must have shape (B, {means.shape[1]}), got {tuple(x_t.shape)}")
+        alpha_bar = schedule.at("alpha_bars", t, x_t).to(means.device)     # (B, 1)
+        x = x_t.to(torch.float64)
+        v = alpha_bar * stds**2 + 1 - alpha_bar                               # (B, K)
+        diff = x[:, None, :] - alpha_bar.sqrt()[:, :, None] * means          # (B, K, D)
+        D = means.shape[1]
+        log_r = (weights.log() - 0.5 * D * torch.log(2 * math.pi * v)
+                 - 0.5 * (diff**2).sum(-1) / v)
+        r = torch.softmax(log_r, dim=1)                                        # (B, K)
+        eps = torch.sqrt(1 - alpha_bar) * (r[:, :, None] * diff / v[:, :, None]).sum(1)
         return eps.to(x_t.dtype)
 
     return eps_model

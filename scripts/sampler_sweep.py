@@ -7,6 +7,8 @@
 * ``guidance``: the class-conditional model with classifier-free guidance at several w,
   n/10 samples per class: accuracy of the shipped classifier on them, and the scores;
 * ``latent``: latent diffusion vs the pixel model trained for the same time;
+* ``grid``: solver and timestep grid as two separate factors: DDIM (DPM-Solver++ of order
+  1) and DPM-Solver++(2M), each on the grid even in t and on the grid even in log-SNR;
 * ``floor``: real held-out images of the same count.
 
 Every score is :func:`ddpm_lib.metrics.evaluate` against the training set's features.
@@ -85,6 +87,24 @@ def main() -> None:
             print(rows[-1], flush=True)
             result["samplers"] = rows
             save()
+    if "grid" in parts:
+        model, schedule, _ = load_pretrained(device=device)
+        rows = []
+        for nfe in (int(k) for k in args.nfe.split(",")):
+            for order, solver in ((1, "ddim"), (2, "dpm_solver_2m")):
+                for spacing in ("time", "logsnr"):
+                    start, out = time.perf_counter(), []
+                    for i in range(0, args.n, args.batch):
+                        g = torch.Generator(device).manual_seed(i)
+                        shape = (min(args.batch, args.n - i), 1, 28, 28)
+                        out.append(dpm_solver_sample(model, schedule, shape, steps=nfe, order=order, spacing=spacing,
+                                                     generator=g, device=device).float().cpu())
+                    x = torch.cat(out)
+                    rows.append(dict(solver=solver, spacing=spacing, nfe=nfe,
+                                     seconds=round(time.perf_counter() - start, 2), **score(x)))
+                    print(rows[-1], flush=True)
+                    result["grid"] = rows
+                    save()
     if "guidance" in parts and (args.weights / "fashion_mnist_cfg.pt").exists():
         model, schedule, _ = load_weights(args.weights / "fashion_mnist_cfg.pt", device)
         y = torch.arange(10).repeat_interleave(args.n // 10)

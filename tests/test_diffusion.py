@@ -114,7 +114,10 @@ def test_loss_simple_is_eps_mse(linear, gen):
     per_image = diffusion.loss_simple(model, linear, x0, t, eps, reduction="none")
     assert torch.allclose(per_image, (eps ** 2).flatten(1).mean(1))
     assert torch.allclose(seen["x_t"], linear.q_sample(x0, t, eps)[0]) and torch.equal(seen["t"], t)
-    assert diffusion.loss_simple(model, linear, x0, t, eps).item() == pytest.approx((eps ** 2).mean().item())
+    # the library averages in float32 (per image, then over images): against the float64 mean,
+    # rounding of up to ~n float32 ulps, whatever the order of the sums (SIMD width, threads)
+    exact = (eps.double() ** 2).mean().item()
+    assert diffusion.loss_simple(model, linear, x0, t, eps).item() == pytest.approx(exact, rel=1e-5)
     with pytest.raises(ValueError):
         diffusion.loss_simple(model, linear, x0, t, eps, reduction="sum")
 
@@ -132,3 +135,46 @@ def test_gaussian_eps_predictor_is_conditional_expectation(linear):
     assert (pred[1] - pred[0]).item() == pytest.approx(slope.item(), rel=0.02)
     with pytest.raises(ValueError):
         diffusion.gaussian_eps_predictor(linear, 0.0, 0.0)
+
+
+def test_loss_simple_refuses_a_model_output_of_another_shape(linear, gen):
+    """F.mse_loss would broadcast (B, 1, 1, 1) against (B, C, H, W) with only a warning."""
+    x0 = torch.rand(3, 1, 4, 4, generator=gen) * 2 - 1
+    t, eps = torch.tensor([5, 50, 500]), torch.randn(3, 1, 4, 4, generator=gen)
+    with pytest.raises(ValueError, match=r"eps shaped like x_t, \(3, 1, 4, 4\); got \(3, 1, 1, 1"):
+        diffusion.loss_simple(lambda x_t, tt: x_t.mean((2, 3), keepdim=True), linear, x0, t, eps)
+    with pytest.raises(ValueError, match="eps .the noise added to x0. must be a tensor"):
+        diffusion.loss_simple(lambda x_t, tt: x_t, linear, x0, t, None)
+    with pytest.raises(ValueError, match="standard deviation s must be a finite real number"):
+        diffusion.gaussian_eps_predictor(linear, 0.0, "0.5")
+
+
+def test_gaussian_mixture_eps_predictor_is_the_posterior_mean_of_eps():
+    """E[eps | x_t] of a two-component mixture in 1-D, by quadrature over x0, against the
+    closed form; one component reduces to gaussian_eps_predictor; the score relation."""
+    import math
+    from ddpm_lib import NoiseSchedule
+    from ddpm_lib.diffusion import gaussian_eps_predictor, gaussian_mixture_eps_predictor
+    schedule = NoiseSchedule.linear(T=1000)
+    means, stds, weights = [-0.6, 0.5], [0.15, 0.3], [0.3, 0.7]
+    mixture = gaussian_mixture_eps_predictor(schedule, means, stds, weights)
+    x0 = torch.linspace(-4, 4, 200_001, dtype=torch.float64)
+    dx = (x0[1] - x0[0]).item()
+    prior = sum(w / (s * math.sqrt(2 * math.pi)) * torch.exp(-0.5 * ((x0 - m) / s) ** 2)
+                for m, s, w in zip(means, stds, weights))
+    for t in (0, 100, 500, 999):
+        ab = schedule.float64("alpha_bars")[t].item()
+        for x_t in (-1.0, 0.1, 0.8):
+            eps_of_x0 = (x_t - math.sqrt(ab) * x0) / math.sqrt(1 - ab)
+            joint = prior * torch.exp(-0.5 * eps_of_x0 ** 2) * dx        # p(x0) q(x_t | x0), up to a constant
+            by_quadrature = ((eps_of_x0 * joint).sum() / joint.sum()).item()
+            got = mixture(torch.tensor([[x_t]], dtype=torch.float64), torch.tensor([t])).item()
+            assert got == pytest.approx(by_quadrature, rel=1e-6, abs=1e-9), (t, x_t)
+    single = gaussian_mixture_eps_predictor(schedule, [0.3], [0.5])
+    x = torch.linspace(-2, 2, 9, dtype=torch.float64)[:, None]
+    t = torch.full((9,), 300)
+    assert torch.allclose(single(x, t), gaussian_eps_predictor(schedule, 0.3, 0.5)(x, t), rtol=1e-12)
+    with pytest.raises(ValueError, match="shape"):
+        mixture(torch.zeros(2, 3, dtype=torch.float64), torch.tensor([1, 2]))
+    with pytest.raises(ValueError, match="positive"):
+        gaussian_mixture_eps_predictor(schedule, [0.0], [0.0])

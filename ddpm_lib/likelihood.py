@@ -1,0 +1,203 @@
+"""The likelihood bound of a trained noise predictor, in bits per dimension.
+
+The negative evidence lower bound of Ho et al. (2020, eq. 5) splits into three kinds of
+terms (Chapter 3, "The evidence lower bound"; 0-based index t is the paper's step t + 1)::
+
+    -log p(x0) <= L_T + sum_{t=1}^{T-1} L_t + L_0
+
+    L_T = KL( q(x_T | x0) || N(0, I) )                                   the prior term
+    L_t = KL( q(x_{t-1} | x_t, x0) || p_theta(x_{t-1} | x_t) ),  x_t ~ q(x_t | x0)
+    L_0 = -log p_theta(x0 | x_1)                                        the decoder
+
+``p_theta(x_{t-1} | x_t) = N(mu_theta(x_t, t), sigma_t^2 I)`` with the mean written with the
+network's eps (Ho et al. eq. 11) and ``sigma_t^2 = beta_t`` or ``beta_tilde_t``, as in
+:func:`ddpm_lib.samplers.ddpm_sample`. The decoder is Ho et al.'s discrete one (section
+3.3): the Gaussian N(mu_theta(x_1, 0), sigma_0^2) integrated over the bin of width 2/255
+around each of the 256 pixel values, the two end bins stretched to infinity, so that the
+bound is a bound on the probability of the 8-bit image itself.
+
+Divided by ``D ln 2`` (D = C H W values per image) the bound is in bits per dimension.
+The sum over t has T - 1 terms, each a network evaluation; :func:`nll_bound` estimates it
+without bias from one timestep drawn in each of ``num_timesteps`` strata, narrow where
+the terms are large (small t) and wide where they are small.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from . import diffusion
+
+Tensor = torch.Tensor
+
+BIN_HALF_WIDTH = 1.0 / 255.0   # pixel values k / 127.5 - 1 lie 2/255 apart
+
+
+def _sum_per_image(x: Tensor) -> Tensor:
+    """(B, ...) -> (B,): summed over every dimension but the first."""
+    return x.flatten(1).sum(1)
+
+
+def check_8bit(x0: Tensor) -> None:
+    """The discrete decoder needs images on the 256-value grid ``k / 127.5 - 1``."""
+    if not isinstance(x0, torch.Tensor) or not x0.is_floating_point() or x0.ndim < 2:
+        raise ValueError("x0 must be a float tensor of shape (B, C, H, W) in [-1, 1]")
+    levels = (x0.double() + 1) * 127.5
+    if (levels - levels.round()).abs().max() > 1e-3 or levels.min() < -1e-3 or levels.max() > 255 + 1e-3:
+        raise ValueError("the discrete decoder needs 8-bit images scaled to [-1, 1] "
+                         "(uint8 / 127.5 - 1, as ddpm_lib.data.load returns them)")
+
+
+def _log_prob_between(lo: Tensor, hi: Tensor) -> Tensor:
+    """log( Phi(hi) - Phi(lo) ) for standard-normal bounds lo < hi, accurate in both tails.
+
+    In the upper tail the difference is taken as Phi(-lo) - Phi(-hi), where the two
+    probabilities are small and their difference keeps its digits.
+    """
+    upper = lo > 0
+    lo, hi = torch.where(upper, -hi, lo), torch.where(upper, -lo, hi)
+    log_hi, log_lo = torch.special.log_ndtr(hi), torch.special.log_ndtr(lo)
+    return log_hi + torch.log1p(-torch.exp(log_lo - log_hi))
+
+
+def discrete_gaussian_log_likelihood(x0: Tensor, mean: Tensor, std: Tensor | float) -> Tensor:
+    """log p(x0) elementwise, for 8-bit x0 in [-1, 1] under N(mean, std^2) discretised.
+
+    Each pixel value x owns the interval [x - 1/255, x + 1/255]; the lowest value (-1)
+    owns everything below, the highest (+1) everything above, so the 256 probabilities
+    sum to 1 for any mean and std. Shapes broadcast; float64 result.
+    """
+    level = ((x0.double() + 1) * 127.5).round()     # 0..255, exact whatever x0's dtype
+    x0, mean = level / 127.5 - 1, mean.double()
+    std = torch.as_tensor(std, dtype=torch.float64, device=x0.device)
+    lo = (x0 - BIN_HALF_WIDTH - mean) / std
+    hi = (x0 + BIN_HALF_WIDTH - mean) / std
+    lo = torch.where(level == 0, torch.full_like(lo, -math.inf), lo)
+    hi = torch.where(level == 255, torch.full_like(hi, math.inf), hi)
+    return _log_prob_between(lo, hi)
+
+
+def prior_kl(schedule, x0: Tensor) -> Tensor:
+    """L_T = KL( N(sqrt(alpha_bar_T) x0, (1 - alpha_bar_T) I) || N(0, I) ) per image, nats (B,)."""
+    x0 = x0.double()
+    alpha_bar = schedule.float64("alpha_bars")[-1].to(x0.device)
+    kl = diffusion.gaussian_kl(alpha_bar.sqrt() * x0, 1 - alpha_bar, torch.zeros_like(x0), torch.ones_like(x0))
+    return _sum_per_image(kl)
+
+
+def _reverse_variances(schedule, sigma: str) -> Tensor:
+    """sigma_t^2 of p_theta for every index t, float64 (T,). With ``beta_tilde`` the first
+    one (0: the posterior of x0 is a point) is replaced by the second, as the decoder
+    needs a positive variance."""
+    if sigma == "beta":
+        return schedule.float64("betas")
+    if sigma == "beta_tilde":
+        beta_tilde = schedule.float64("beta_tilde")
+        return torch.cat([beta_tilde[1:2], beta_tilde[1:]])
+    raise ValueError(f"sigma must be 'beta' or 'beta_tilde', got {sigma!r}")
+
+
+@torch.no_grad()
+def elbo_terms(model, schedule, x0: Tensor, t: Tensor, eps: Tensor, sigma: str = "beta") -> Tensor:
+    """L_t per image in nats, (B,), at 0-based timesteps ``t`` (B,): the KL term where t >= 1,
+    the decoder's -log p(x0 | x_1) where t == 0. ``eps`` (like x0) noises x0 to x_t."""
+    t = schedule.check_t(t, batch_size=x0.shape[0])
+    x_t, _ = schedule.q_sample(x0, t, eps)
+    eps_pred = model(x_t, t).double()
+    x0, x_t = x0.double(), x_t.double()
+    beta = schedule.at("betas", t, x0)
+    alpha_bar = schedule.at("alpha_bars", t, x0)
+    alpha_bar_prev = schedule.at("alpha_bars_prev", t, x0)
+    var = _reverse_variances(schedule, sigma).to(x0.device)[t].reshape(-1, *[1] * (x0.ndim - 1))
+    mean_theta = diffusion.reverse_mean_from_eps(x_t, eps_pred, beta, alpha_bar)
+    # t >= 1: KL between the true posterior and the model's step, both Gaussian
+    mean_q = diffusion.posterior_mean(x0, x_t, beta, alpha_bar, alpha_bar_prev)
+    var_q = diffusion.posterior_variance(beta, alpha_bar, alpha_bar_prev).clamp(min=1e-300)
+    kl = _sum_per_image(diffusion.gaussian_kl(mean_q, var_q, mean_theta, var))
+    # t == 0: the discrete decoder
+    decoder = -_sum_per_image(discrete_gaussian_log_likelihood(x0, mean_theta, var.sqrt()))
+    return torch.where(t == 0, decoder, kl)
+
+
+def _strata_edges(T: int, k: int) -> Tensor:
+    """``k + 1`` increasing edges from 1 to T, spaced evenly in log t where the strata can
+    hold one index each: the terms of the bound are large and vary fast at small t, so the
+    first strata are single timesteps, evaluated exactly, and the wide ones lie where L_t is
+    small and flat."""
+    edges = [1]
+    for j in range(k):
+        remaining = k - j
+        step = (T / edges[-1]) ** (1 / remaining)     # geometric spacing for what is left
+        edges.append(min(T - remaining + 1, max(edges[-1] + 1, round(edges[-1] * step))))
+    return torch.tensor(edges)
+
+
+def _stratified_timesteps(T: int, k: int, batch: int, generator) -> tuple[Tensor, Tensor]:
+    """One index drawn uniformly from each of the ``k`` strata of 1..T-1 (:func:`_strata_edges`),
+    per image. Returns the indices (k, batch) and each stratum's size (k,): the sum
+    sum_j size_j L_{t_j} is an unbiased estimate of sum_{t=1}^{T-1} L_t."""
+    edges = _strata_edges(T, k)
+    sizes = edges[1:] - edges[:-1]
+    u = torch.rand(k, batch, generator=generator, dtype=torch.float64)
+    t = edges[:-1, None] + (u * sizes[:, None]).long()
+    return t, sizes.double()
+
+
+@dataclass
+class NLLBound:
+    """Per-image terms of the bound in bits per dimension, each (N,); ``total`` is their sum."""
+    prior: Tensor
+    diffusion: Tensor
+    decoder: Tensor
+
+    @property
+    def total(self) -> Tensor:
+        return self.prior + self.diffusion + self.decoder
+
+    def summary(self) -> dict:
+        """Mean over images and its standard error (which includes the Monte Carlo noise)."""
+        total = self.total
+        n = total.numel()
+        return dict(bits_per_dim=total.mean().item(), standard_error=(total.std() / math.sqrt(n)).item(),
+                    n_images=n, prior=self.prior.mean().item(), diffusion=self.diffusion.mean().item(),
+                    decoder=self.decoder.mean().item())
+
+
+@torch.no_grad()
+def nll_bound(model, schedule, x0: Tensor, num_timesteps: int | None = None, sigma: str = "beta",
+              batch_size: int = 256, generator: torch.Generator | None = None) -> NLLBound:
+    """The negative ELBO of 8-bit images ``x0`` (N, C, H, W) in bits per dimension, per image.
+
+    ``num_timesteps=None`` evaluates every L_t (T - 1 network calls per image); an integer
+    k estimates their sum from one timestep in each of k strata (unbiased, k calls per
+    image). The noise and the strata draws come from ``generator`` (CPU).
+    """
+    check_8bit(x0)
+    if sigma not in ("beta", "beta_tilde"):
+        raise ValueError(f"sigma must be 'beta' or 'beta_tilde', got {sigma!r}")
+    T = schedule.T
+    k = T - 1 if num_timesteps is None else num_timesteps
+    if not isinstance(k, int) or not 1 <= k <= T - 1:
+        raise ValueError(f"num_timesteps must be an integer in 1..{T - 1} or None, got {num_timesteps!r}")
+    device = schedule.device
+    nats_to_bits = 1.0 / (x0[0].numel() * math.log(2.0))
+    parts = {"prior": [], "diffusion": [], "decoder": []}
+    for x in x0.split(batch_size):
+        x = x.to(device)
+        B = x.shape[0]
+        def draw_eps():
+            return torch.randn(x.shape, generator=generator).to(device, x.dtype)
+        zero = torch.zeros(B, dtype=torch.long, device=device)
+        parts["decoder"].append(elbo_terms(model, schedule, x, zero, draw_eps(), sigma).cpu())
+        parts["prior"].append(prior_kl(schedule, x).cpu())
+        if k == T - 1:
+            ts, sizes = torch.arange(1, T)[:, None].expand(T - 1, B), torch.ones(T - 1, dtype=torch.float64)
+        else:
+            ts, sizes = _stratified_timesteps(T, k, B, generator)
+        total = torch.zeros(B, dtype=torch.float64)
+        for t, size in zip(ts, sizes):
+            total += size * elbo_terms(model, schedule, x, t.to(device), draw_eps(), sigma).cpu()
+        parts["diffusion"].append(total)
+    return NLLBound(**{name: torch.cat(v) * nats_to_bits for name, v in parts.items()})
