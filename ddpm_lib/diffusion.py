@@ -109,12 +109,13 @@ def gaussian_kl(mean1: Tensor, var1: Tensor, mean2: Tensor, var2: Tensor) -> Ten
 
 
 def elbo_weight(beta: Tensor, alpha_bar: Tensor, sigma2: Tensor) -> Tensor:
-    """The weight lambda_t that turns L_{t-1} into a weighted eps-MSE::
+    """The weight kappa_t that turns L_{t-1} into a weighted eps-MSE (Chapter 3)::
 
-        KL(q(x_{t-1}|x_t,x0) || p(x_{t-1}|x_t)) = lambda_t * ||eps - eps_theta||^2
-        lambda_t = beta^2 / (2 sigma^2 alpha (1 - alpha_bar))
+        L_{t-1} - C_t = E[ kappa_t * ||eps - eps_theta||^2 ]
+        kappa_t = beta^2 / (2 sigma^2 alpha (1 - alpha_bar))
 
-    when both Gaussians have variance sigma^2 and p's mean uses eps_theta.
+    where p's mean uses eps_theta and has variance sigma^2, and C_t, the KL between the
+    variances, does not depend on theta (C_t = 0 when sigma^2 = beta_tilde).
     L_simple drops this weight (sets it to 1).
     """
     alpha = 1.0 - beta

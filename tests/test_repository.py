@@ -97,3 +97,18 @@ def test_how_to_use_lists_each_chapters_measured_time():
         title = header.splitlines()[0].lstrip("# ").strip()
         row = f"| {title} | {m[1]} s | {m[2]} s |"
         assert row in page, f"how_to_use.md lacks the row {row!r}"
+
+
+def test_cross_references_are_roles_not_next_chapter():
+    """Chapters move; "the next chapter" then points at the wrong one. Prose links with {doc}/{ref}."""
+    pattern = re.compile(r"\b(next|previous|following|preceding) chapters?\b", re.IGNORECASE)
+    for page in [*CHAPTERS, *ROOT.glob("*.md")]:
+        if page.suffix == ".ipynb":
+            texts = ["".join(c["source"]) for c in json.loads(page.read_text())["cells"]
+                     if c["cell_type"] == "markdown"]
+        else:
+            texts = [page.read_text()]
+        for text in texts:
+            found = pattern.search(text)
+            assert not found, (f"{page.name} says {text[max(0, found.start() - 40):found.end()]!r}: "
+                               "link the chapter with {doc}`NN_name` instead")
