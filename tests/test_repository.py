@@ -12,7 +12,7 @@ CONFIG = yaml.safe_load((ROOT / "_config.yml").read_text())
 URL = CONFIG["repository"]["url"].rstrip("/")
 CHAPTERS = sorted((ROOT / "chapters").glob("*.ipynb"))
 
-SETUP_CELL = f'''# Setup. In Colab: install ddpm_lib from the book's repository (Colab's own torch is kept).
+SETUP_CELL = f'''# Setup. In Colab: install ddpm_lib from the book's repository, keeping Colab's torch.
 # Locally and in CI: nothing to install.
 import sys
 if "google.colab" in sys.modules:
@@ -112,3 +112,19 @@ def test_cross_references_are_roles_not_next_chapter():
             found = pattern.search(text)
             assert not found, (f"{page.name} says {text[max(0, found.start() - 40):found.end()]!r}: "
                                "link the chapter with {doc}`NN_name` instead")
+
+
+CODE_LINE_LIMIT = 88     # the theme's code column shows about 90 characters before it clips
+
+
+def test_chapter_code_fits_the_column():
+    """A longer line is clipped at the column's right edge in the rendered page."""
+    long_lines = []
+    for nb_path in CHAPTERS:
+        for index, cell in enumerate(json.loads(nb_path.read_text())["cells"]):
+            if cell["cell_type"] == "code":
+                long_lines += [f"{nb_path.name} cell {index}: {line.strip()[:60]}..."
+                               for line in "".join(cell["source"]).split("\n")
+                               if len(line) > CODE_LINE_LIMIT]
+    assert not long_lines, (f"{len(long_lines)} chapter code lines over {CODE_LINE_LIMIT} "
+                            "characters:\n" + "\n".join(long_lines[:20]))
