@@ -27,8 +27,9 @@ from ddpm_lib.pretrained import load_pretrained, load_weights
 from ddpm_lib.samplers import ddim_sample, ddpm_sample, dpm_solver_sample, guided_model
 
 
-def sample(model, schedule, n, sampler, nfe, device, batch, seed=0, clip_x0=True):
-    """n samples of the UNet ``model`` (shape from its config), in batches, and the seconds it took."""
+def sample(model, schedule, n, sampler, nfe, device, batch, seed=0, clip_x0=True, **options):
+    """n samples of the UNet ``model`` (shape from its config), in batches, and the seconds it
+    took. ``options`` go to DPM-Solver++ (``order``, ``spacing``)."""
     c = model.config
     out = []
     start = time.perf_counter()
@@ -40,7 +41,8 @@ def sample(model, schedule, n, sampler, nfe, device, batch, seed=0, clip_x0=True
         elif sampler == "ddim":
             x = ddim_sample(model, schedule, shape, steps=nfe, generator=g, device=device, clip_x0=clip_x0)
         else:
-            x = dpm_solver_sample(model, schedule, shape, steps=nfe, generator=g, device=device, clip_x0=clip_x0)
+            x = dpm_solver_sample(model, schedule, shape, steps=nfe, generator=g, device=device, clip_x0=clip_x0,
+                                  **options)
         out.append(x.float().cpu())
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -93,15 +95,10 @@ def main() -> None:
         for nfe in (int(k) for k in args.nfe.split(",")):
             for order, solver in ((1, "ddim"), (2, "dpm_solver_2m")):
                 for spacing in ("time", "logsnr"):
-                    start, out = time.perf_counter(), []
-                    for i in range(0, args.n, args.batch):
-                        g = torch.Generator(device).manual_seed(i)
-                        shape = (min(args.batch, args.n - i), 1, 28, 28)
-                        out.append(dpm_solver_sample(model, schedule, shape, steps=nfe, order=order, spacing=spacing,
-                                                     generator=g, device=device).float().cpu())
-                    x = torch.cat(out)
-                    rows.append(dict(solver=solver, spacing=spacing, nfe=nfe,
-                                     seconds=round(time.perf_counter() - start, 2), **score(x)))
+                    x, seconds = sample(model, schedule, args.n, "dpm_solver", nfe, device, args.batch,
+                                        order=order, spacing=spacing)
+                    rows.append(dict(solver=solver, spacing=spacing, nfe=nfe, seconds=round(seconds, 2),
+                                     **score(x)))
                     print(rows[-1], flush=True)
                     result["grid"] = rows
                     save()
