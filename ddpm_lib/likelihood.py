@@ -104,17 +104,14 @@ def elbo_terms(model, schedule, x0: Tensor, t: Tensor, eps: Tensor, sigma: str =
     """L_t per image in nats, (B,), at 0-based timesteps ``t`` (B,): the KL term where t >= 1,
     the decoder's -log p(x0 | x_1) where t == 0. ``eps`` (like x0) noises x0 to x_t."""
     t = schedule.check_t(t, batch_size=x0.shape[0])
-    x_t, _ = schedule.q_sample(x0, t, eps)
+    x_t, _ = schedule.q_sample(x0, t, eps)              # in x0's dtype, which the model takes
     eps_pred = model(x_t, t).double()
-    x0, x_t = x0.double(), x_t.double()
-    beta = schedule.at("betas", t, x0)
-    alpha_bar = schedule.at("alpha_bars", t, x0)
-    alpha_bar_prev = schedule.at("alpha_bars_prev", t, x0)
+    x0, x_t = x0.double(), x_t.double()                  # the terms in float64
     var = _reverse_variances(schedule, sigma).to(x0.device)[t].reshape(-1, *[1] * (x0.ndim - 1))
-    mean_theta = diffusion.reverse_mean_from_eps(x_t, eps_pred, beta, alpha_bar)
+    mean_theta = schedule.reverse_mean(x_t, t, eps_pred)
     # t >= 1: KL between the true posterior and the model's step, both Gaussian
-    mean_q = diffusion.posterior_mean(x0, x_t, beta, alpha_bar, alpha_bar_prev)
-    var_q = diffusion.posterior_variance(beta, alpha_bar, alpha_bar_prev).clamp(min=1e-300)
+    mean_q, _ = schedule.posterior(x0, x_t, t)
+    var_q = schedule.at("beta_tilde", t, x0).clamp(min=1e-300)     # float64; 0 at t = 0
     kl = _sum_per_image(diffusion.gaussian_kl(mean_q, var_q, mean_theta, var))
     # t == 0: the discrete decoder
     decoder = -_sum_per_image(discrete_gaussian_log_likelihood(x0, mean_theta, var.sqrt()))

@@ -134,3 +134,16 @@ def test_decoder_term_uses_the_predicted_clean_image():
     x0_hat = diffusion.x0_from_eps(x1, ab, model(x1, None))
     expected = -likelihood.discrete_gaussian_log_likelihood(x0, x0_hat, beta.sqrt()).flatten(1).sum(1)
     assert torch.allclose(got, expected, rtol=1e-9)
+
+
+def test_nll_bound_of_a_float32_unet():
+    """A real network takes float32 input: the bound must feed it x_t in the images' dtype."""
+    from ddpm_lib.unet import UNet
+    torch.manual_seed(0)
+    model = UNet(base_channels=8, channel_mults=(1, 2), num_res_blocks=1, attention_resolutions=(),
+                 image_size=8).eval()
+    schedule = NoiseSchedule.linear(T=20)
+    x0 = torch.randint(0, 256, (3, 1, 8, 8), generator=torch.Generator().manual_seed(5)) / 127.5 - 1
+    bound = likelihood.nll_bound(model, schedule, x0.float(), num_timesteps=4,
+                                 generator=torch.Generator().manual_seed(6))
+    assert bound.total.shape == (3,) and torch.isfinite(bound.total).all()
