@@ -60,7 +60,8 @@ import torch.nn.functional as F
 
 from .checks import check_values, integer, integer_dtype
 from .data import cache_dir, load
-from .pretrained import WEIGHTS_DIR, sha256
+from .io import load_verified
+from .pretrained import WEIGHTS_DIR
 
 Tensor = torch.Tensor
 
@@ -179,13 +180,9 @@ def load_classifier(device="cpu", path=None, expected_sha256: str | None = CLASS
     if not path.is_file():
         raise FileNotFoundError(f"no classifier weights at {path}; make them with "
                                 "`python scripts/train_classifier.py`")
-    if expected_sha256 is not None:
-        digest = sha256(path)
-        if digest != expected_sha256:
-            raise ValueError(f"{path} has sha256 {digest}, expected {expected_sha256}: the file is damaged or "
-                             "not the shipped one; reinstall ddpm_lib, or pass expected_sha256=None to load "
-                             "a classifier you trained yourself")
-    blob = torch.load(path, map_location=device, weights_only=True)
+    blob = load_verified(path, expected_sha256, map_location=device, what="classifier weights",
+                         remedy="reinstall ddpm_lib, or pass expected_sha256=None to load a "
+                                "classifier you trained yourself")
     if not isinstance(blob, dict) or "state_dict" not in blob or "config" not in blob:
         raise ValueError(f"{path} is not a classifier file made by scripts/train_classifier.py")
     model = FashionClassifier(**blob["config"]).to(device)
