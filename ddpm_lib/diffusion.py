@@ -149,24 +149,28 @@ def loss_simple(model, schedule, x0: Tensor, t: Tensor, eps: Tensor, y: Tensor |
 # ----------------------------------------------------------------------------------------
 # Exact noise predictors for data whose noised densities are known: models with no error
 # ----------------------------------------------------------------------------------------
-def gaussian_eps_predictor(schedule, mu: float, s: float):
-    """The optimal eps-predictor E[eps | x_t] when the data are x0 ~ N(mu, s^2 I).
+def gaussian_eps_predictor(schedule, mu: float, sigma_data: float):
+    """The optimal eps-predictor E[eps | x_t] when the data are x0 ~ N(mu, sigma_data^2 I).
 
-    Then x_t ~ N(sqrt(alpha_bar) mu, alpha_bar s^2 + 1 - alpha_bar) and::
+    Then x_t ~ N(sqrt(alpha_bar) mu, v) with v = alpha_bar sigma_data^2 + 1 - alpha_bar,
+    and::
 
-        E[eps | x_t] = sqrt(1 - alpha_bar) (x_t - sqrt(alpha_bar) mu) / (alpha_bar s^2 + 1 - alpha_bar)
+        E[eps | x_t] = sqrt(1 - alpha_bar) (x_t - sqrt(alpha_bar) mu) / v
 
-    A sampler driven by it must produce samples with mean mu and standard deviation s.
-    Returns a callable ``(x_t, t) -> eps`` like a trained network.
+    A sampler driven by it must produce samples with mean mu and standard deviation
+    sigma_data. Returns a callable ``(x_t, t) -> eps`` like a trained network.
     """
-    mu, s = real("the mean mu", mu), real("the standard deviation s", s)
-    if not s > 0:
-        raise ValueError(f"need a finite mean and a positive standard deviation, got mu={mu}, s={s}")
+    mu = real("the mean mu", mu)
+    sigma_data = real("the standard deviation sigma_data", sigma_data)
+    if not sigma_data > 0:
+        raise ValueError(f"need a finite mean and a positive standard deviation, "
+                         f"got mu={mu}, sigma_data={sigma_data}")
 
     def eps_model(x_t: Tensor, t: Tensor) -> Tensor:
         alpha_bar = schedule.at("alpha_bars", t, x_t)
         x = x_t.to(alpha_bar.dtype)
-        eps = torch.sqrt(1 - alpha_bar) * (x - torch.sqrt(alpha_bar) * mu) / (alpha_bar * s**2 + 1 - alpha_bar)
+        v = alpha_bar * sigma_data**2 + 1 - alpha_bar
+        eps = torch.sqrt(1 - alpha_bar) * (x - torch.sqrt(alpha_bar) * mu) / v
         return eps.to(x_t.dtype)
 
     return eps_model
@@ -174,10 +178,10 @@ def gaussian_eps_predictor(schedule, mu: float, s: float):
 
 def gaussian_mixture_eps_predictor(schedule, means, stds, weights=None):
     """The optimal eps-predictor E[eps | x_t] when the data are a mixture of Gaussians,
-    x0 ~ sum_k pi_k N(mu_k, s_k^2 I), points of shape (D,).
+    x0 ~ sum_k pi_k N(mu_k, sigma_k^2 I), points of shape (D,).
 
     Given component k, x_t ~ N(sqrt(alpha_bar) mu_k, v_k I) with
-    v_k = alpha_bar s_k^2 + 1 - alpha_bar, and E[eps | x_t, k] is the Gaussian case of
+    v_k = alpha_bar sigma_k^2 + 1 - alpha_bar, and E[eps | x_t, k] is the Gaussian case of
     :func:`gaussian_eps_predictor`. Averaged over the posterior of the component,
     r_k(x_t) = pi_k N(x_t; sqrt(alpha_bar) mu_k, v_k I) / p_t(x_t)::
 

@@ -203,9 +203,9 @@ def logsnr_timesteps(schedule, steps: int) -> list[int]:
 
 
 def _lambdas(schedule) -> Tensor:
-    """lambda_t = log(alpha_t / sigma_t) = 0.5 log(alpha_bar / (1 - alpha_bar)), float64 (T,)."""
-    ab = schedule.float64("alpha_bars")
-    return 0.5 * (torch.log(ab) - torch.log1p(-ab))
+    """lambda_t = log(a_t / b_t) = 0.5 log(alpha_bar / (1 - alpha_bar)), float64 (T,)."""
+    alpha_bar = schedule.float64("alpha_bars")
+    return 0.5 * (torch.log(alpha_bar) - torch.log1p(-alpha_bar))
 
 
 def _check_steps(steps, T: int) -> int:
@@ -232,18 +232,20 @@ def dpm_solver_sample(model, schedule, shape, *, steps: int = 20, order: int = 2
     """DPM-Solver++(2M) (Lu et al. 2022, "DPM-Solver++", Algorithm 2): the deterministic
     sampling ODE solved with a second-order multistep method in the data-prediction form.
 
-    Write ``alpha_t = sqrt(alpha_bar_t)``, ``sigma_t = sqrt(1 - alpha_bar_t)`` and
-    ``lambda_t = log(alpha_t / sigma_t)``. The network's eps gives the predicted clean image
-    ``x0_hat = (x_t - sigma_t eps) / alpha_t``. From timestep s to the next one, t, with
-    ``h = lambda_t - lambda_s > 0``::
+    Write ``a_t = sqrt(alpha_bar_t)``, ``b_t = sqrt(1 - alpha_bar_t)`` (the paper's alpha_t
+    and sigma_t; this book keeps alpha_t = 1 - beta_t and sigma_t for a reverse step's noise)
+    and ``lambda_t = log(a_t / b_t)``. The network's eps gives the predicted clean image
+    ``x0_hat = (x_t - b_t eps) / a_t``. On the grid t_0 > t_1 > ..., from t_{i-1} to t_i with
+    ``h = lambda_{t_i} - lambda_{t_{i-1}} > 0`` (Chapter 8, "DPM-Solver++")::
 
-        x_t = (sigma_t / sigma_s) x_s - alpha_t (exp(-h) - 1) D
-        D   = x0_hat(s)                                               (first order: DDIM, eta = 0)
-        D   = (1 + 1/(2r)) x0_hat(s) - 1/(2r) x0_hat(s_prev)          (second order, "2M")
-        r   = h_prev / h,  h_prev = lambda_s - lambda_{s_prev}
+        x_{t_i} = (b_{t_i} / b_{t_{i-1}}) x_{t_{i-1}} - a_{t_i} (exp(-h) - 1) x0_2m
+        x0_2m = x0_hat(t_{i-1})                                      (first order: DDIM, eta = 0)
+        x0_2m = (1 + 1/(2r)) x0_hat(t_{i-1}) - 1/(2r) x0_hat(t_{i-2})  (second order, "2M")
+        r     = h_prev / h,  h_prev = lambda_{t_{i-1}} - lambda_{t_{i-2}}
 
-    The second-order ``D`` reuses the x0_hat of the step before (``s_prev``), so each step
-    still costs one network call. The first step has no previous x0_hat and is first order.
+    The second-order ``x0_2m`` (the paper's D_i) reuses the x0_hat of the step before, so each
+    step still costs one network call. The first step has no previous x0_hat and is first
+    order.
 
     Timesteps: ``steps`` of them from T-1 down to 0, spaced evenly in lambda
     (``spacing="logsnr"``, :func:`logsnr_timesteps`, the default, as Lu et al. recommend for
@@ -256,7 +258,7 @@ def dpm_solver_sample(model, schedule, shape, *, steps: int = 20, order: int = 2
     on the same timesteps.
 
     The network is called once at each timestep, from T-1 down to 0 (``steps`` calls in
-    all), and the last step goes from timestep 0 to clean data (alpha_bar = 1, sigma = 0,
+    all), and the last step goes from timestep 0 to clean data (alpha_bar = 1, b = 0,
     lambda = +inf): there ``exp(-h) = 0`` and the update returns ``x0_hat`` at timestep 0,
     as DDIM does with alpha_bar_prev = 1. That last step is first order (r = 0 would make
     the 2M weights infinite).
@@ -278,10 +280,10 @@ def dpm_solver_sample(model, schedule, shape, *, steps: int = 20, order: int = 2
     else:
         timesteps = logsnr_timesteps(schedule, steps)
     # per-step coefficients as Python floats, computed in float64 (any device, MPS included)
-    ab = schedule.float64("alpha_bars")
-    alpha = [math.sqrt(ab[t]) for t in timesteps]
-    sigma = [math.sqrt(1.0 - ab[t]) for t in timesteps]
-    lam = [math.log(a / s) for a, s in zip(alpha, sigma)]
+    alpha_bar = schedule.float64("alpha_bars")
+    a = [math.sqrt(alpha_bar[t]) for t in timesteps]
+    b = [math.sqrt(1.0 - alpha_bar[t]) for t in timesteps]
+    lam = [math.log(a_t / b_t) for a_t, b_t in zip(a, b)]
     trajectory = Trajectory() if return_trajectory else None
     x0_prev = None
     for i, t in enumerate(tqdm(timesteps, desc=f"DPM-Solver++({order}M)", disable=not progress)):
@@ -289,16 +291,16 @@ def dpm_solver_sample(model, schedule, shape, *, steps: int = 20, order: int = 2
         _, x0 = _denoise(model, schedule, x, t_batch, clip_x0)
         if trajectory is not None:
             trajectory.add(t, x, x0)
-        if i + 1 == len(timesteps):      # timestep 0 -> clean data: sigma = 0, exp(-h) = 0
+        if i + 1 == len(timesteps):      # timestep 0 -> clean data: b = 0, exp(-h) = 0
             x = x0
             break
         h = lam[i + 1] - lam[i]
         if order == 1 or x0_prev is None:
-            D = x0
+            x0_2m = x0
         else:
             r = (lam[i] - lam[i - 1]) / h
-            D = (1.0 + 0.5 / r) * x0 - (0.5 / r) * x0_prev
-        x = (sigma[i + 1] / sigma[i]) * x - alpha[i + 1] * math.expm1(-h) * D
+            x0_2m = (1.0 + 0.5 / r) * x0 - (0.5 / r) * x0_prev
+        x = (b[i + 1] / b[i]) * x - a[i + 1] * math.expm1(-h) * x0_2m
         x0_prev = x0
     return (x, trajectory.stack()) if trajectory is not None else x
 

@@ -76,11 +76,11 @@ MUTATIONS = [
     ("training resume: RNG state not restored", "ddpm_lib/train.py",
      "        _set_rng_state(state[\"rng\"], gen_cpu, gen_device)\n", "\n"),
     ("DPM-Solver++(2M): 1/(2r) -> 1/r in the second-order combination", "ddpm_lib/samplers.py",
-     "D = (1.0 + 0.5 / r) * x0 - (0.5 / r) * x0_prev",
-     "D = (1.0 + 1.0 / r) * x0 - (1.0 / r) * x0_prev"),
+     "x0_2m = (1.0 + 0.5 / r) * x0 - (0.5 / r) * x0_prev",
+     "x0_2m = (1.0 + 1.0 / r) * x0 - (1.0 / r) * x0_prev"),
     ("DPM-Solver++: expm1(-h) -> expm1(h)", "ddpm_lib/samplers.py",
-     "x = (sigma[i + 1] / sigma[i]) * x - alpha[i + 1] * math.expm1(-h) * D",
-     "x = (sigma[i + 1] / sigma[i]) * x - alpha[i + 1] * math.expm1(h) * D"),
+     "x = (b[i + 1] / b[i]) * x - a[i + 1] * math.expm1(-h) * x0_2m",
+     "x = (b[i + 1] / b[i]) * x - a[i + 1] * math.expm1(h) * x0_2m"),
     ("Frechet distance: drop the 2 in the trace term", "ddpm_lib/metrics.py",
      "- 2.0 * trace_sqrt_product(sigma1, sigma2)",
      "- trace_sqrt_product(sigma1, sigma2)"),
@@ -121,7 +121,7 @@ def main() -> int:
     p.add_argument("--chapters", action="store_true", help="also run the chapters under nbval")
     p.add_argument("--only", nargs="*", default=None,
                    help="run only these test paths (e.g. chapters/03_mathematics.ipynb) instead of all")
-    p.add_argument("-k", default=None, help="only mutations whose name contains this")
+    p.add_argument("-k", nargs="*", default=None, help="only mutations whose name contains one of these")
     args = p.parse_args()
     survived = tried = 0
     with tempfile.TemporaryDirectory() as tmp:
@@ -136,7 +136,7 @@ def main() -> int:
         if args.chapters or any(t.endswith(".ipynb") for t in targets):
             targets += ["--nbval", "--nbval-sanitize-with", "tests/nbval_sanitize.cfg", "--nbval-current-env"]
         for name, rel, old, new in MUTATIONS:
-            if args.k and args.k not in name:
+            if args.k and not any(k in name for k in args.k):
                 continue
             path = work / rel
             original = path.read_text()

@@ -125,12 +125,12 @@ def test_loss_simple_is_eps_mse(linear, gen):
 def test_gaussian_eps_predictor_is_conditional_expectation(linear):
     """E[eps | x_t] by regression on samples agrees with the closed form."""
     g = torch.Generator().manual_seed(0)
-    mu, s, t, n = 0.4, 0.3, 200, 200_000
-    x0 = mu + s * torch.randn(n, 1, generator=g, dtype=torch.float64)
+    mu, sigma_data, t, n = 0.4, 0.3, 200, 200_000
+    x0 = mu + sigma_data * torch.randn(n, 1, generator=g, dtype=torch.float64)
     x_t, eps = linear.q_sample(x0.float(), t, generator=g)
     slope = torch.cov(torch.stack([x_t.flatten().double(), eps.flatten().double()]))
     slope = slope[0, 1] / slope[0, 0]
-    model = diffusion.gaussian_eps_predictor(linear, mu, s)
+    model = diffusion.gaussian_eps_predictor(linear, mu, sigma_data)
     pred = model(torch.tensor([[0.0], [1.0]]), torch.tensor([t, t]))
     assert (pred[1] - pred[0]).item() == pytest.approx(slope.item(), rel=0.02)
     with pytest.raises(ValueError):
@@ -145,7 +145,7 @@ def test_loss_simple_refuses_a_model_output_of_another_shape(linear, gen):
         diffusion.loss_simple(lambda x_t, tt: x_t.mean((2, 3), keepdim=True), linear, x0, t, eps)
     with pytest.raises(ValueError, match="eps .the noise added to x0. must be a tensor"):
         diffusion.loss_simple(lambda x_t, tt: x_t, linear, x0, t, None)
-    with pytest.raises(ValueError, match="standard deviation s must be a finite real number"):
+    with pytest.raises(ValueError, match="standard deviation sigma_data must be a finite real number"):
         diffusion.gaussian_eps_predictor(linear, 0.0, "0.5")
 
 

@@ -8,42 +8,42 @@ from ddpm_lib import NoiseSchedule
 from ddpm_lib.diffusion import gaussian_eps_predictor
 from ddpm_lib.samplers import ddim_sample, ddim_timesteps, ddpm_sample
 
-MU, S = 0.3, 0.5
+MU, SIGMA_DATA = 0.3, 0.5
 SHAPE = (2000, 1, 4, 4)  # 32,000 values
 
 
-def check_moments(x, mu=MU, s=S, k=5.0, std_tol=0.02):
+def check_moments(x, mu=MU, sigma_data=SIGMA_DATA, k=5.0, std_tol=0.02):
     n = x.numel()
-    assert x.mean().item() == pytest.approx(mu, abs=k * s / math.sqrt(n)), "mean"
-    assert x.std().item() == pytest.approx(s, rel=std_tol), "std"
+    assert x.mean().item() == pytest.approx(mu, abs=k * sigma_data / math.sqrt(n)), "mean"
+    assert x.std().item() == pytest.approx(sigma_data, rel=std_tol), "std"
 
 
 @pytest.mark.parametrize("kind", ["linear", "cosine"])
 @pytest.mark.parametrize("sigma", ["beta", "beta_tilde"])
 def test_ddpm_reproduces_gaussian_data(kind, sigma):
     sched = getattr(NoiseSchedule, kind)()
-    model = gaussian_eps_predictor(sched, MU, S)
+    model = gaussian_eps_predictor(sched, MU, SIGMA_DATA)
     x = ddpm_sample(model, sched, SHAPE, sigma=sigma, clip_x0=False, generator=torch.Generator().manual_seed(0))
     check_moments(x)
 
 
 @pytest.mark.parametrize("steps", [1000, 250])
 def test_ddim_reproduces_gaussian_data(linear, steps):
-    model = gaussian_eps_predictor(linear, MU, S)
+    model = gaussian_eps_predictor(linear, MU, SIGMA_DATA)
     x = ddim_sample(model, linear, SHAPE, steps=steps, clip_x0=False, generator=torch.Generator().manual_seed(1))
     check_moments(x)
 
 
 def test_ddim_eta1_full_is_ddpm_beta_tilde(linear):
     """DDIM with eta = 1 over all T steps is DDPM with sigma^2 = beta_tilde, noise for noise."""
-    model = gaussian_eps_predictor(linear, MU, S)
+    model = gaussian_eps_predictor(linear, MU, SIGMA_DATA)
     a = ddpm_sample(model, linear, (8, 1, 3, 3), sigma="beta_tilde", generator=torch.Generator().manual_seed(5))
     b = ddim_sample(model, linear, (8, 1, 3, 3), steps=1000, eta=1.0, generator=torch.Generator().manual_seed(5))
     assert torch.allclose(a, b, atol=1e-4)
 
 
 def test_ddim_eta0_is_deterministic(linear):
-    model = gaussian_eps_predictor(linear, MU, S)
+    model = gaussian_eps_predictor(linear, MU, SIGMA_DATA)
     x_T = torch.randn(4, 1, 3, 3, generator=torch.Generator().manual_seed(2))
     a = ddim_sample(model, linear, x_T.shape, steps=20, x_T=x_T, generator=torch.Generator().manual_seed(3))
     b = ddim_sample(model, linear, x_T.shape, steps=20, x_T=x_T, generator=torch.Generator().manual_seed(4))
@@ -84,7 +84,7 @@ def test_clipping_rederives_eps(linear):
 
 
 def test_trajectory(linear):
-    model = gaussian_eps_predictor(linear, MU, S)
+    model = gaussian_eps_predictor(linear, MU, SIGMA_DATA)
     x, traj = ddim_sample(model, linear, (2, 1, 3, 3), steps=10, return_trajectory=True)
     assert traj.t == ddim_timesteps(1000, 10) and traj.t[0] == 999 and traj.t[-1] == 0
     assert traj.x_t.shape == (10, 2, 1, 3, 3) and traj.x0_hat.shape == (10, 2, 1, 3, 3)
@@ -94,7 +94,7 @@ def test_trajectory(linear):
 
 
 def test_bad_sampler_arguments(linear):
-    model = gaussian_eps_predictor(linear, MU, S)
+    model = gaussian_eps_predictor(linear, MU, SIGMA_DATA)
     with pytest.raises(ValueError, match="sigma"):
         ddpm_sample(model, linear, (1, 1, 2, 2), sigma="large")
     with pytest.raises(ValueError, match="steps"):
@@ -244,7 +244,7 @@ def test_logsnr_timesteps(linear):
 # ----------------------------------------------------------------------------------------
 # DPM-Solver++(2M) with the exact predictor of Gaussian data
 # ----------------------------------------------------------------------------------------
-def exact_ode_solution(sched, x_T, mu=MU, s=S):
+def exact_ode_solution(sched, x_T, mu=MU, s=SIGMA_DATA):
     """The deterministic (probability-flow) ODE for data N(mu, s^2) keeps the standardised
     value z = (x_t - alpha_t mu) / sqrt(alpha_t^2 s^2 + sigma_t^2) fixed: x at timestep 0 in
     closed form, then the samplers' last step x0_hat(x_0, 0). Float64."""
@@ -261,13 +261,13 @@ def test_dpm_solver_reproduces_gaussian_data_in_few_steps(kind):
     """Measured (linear / cosine): std 0.516 / 0.494 at 10 steps, 0.507 / 0.515 at 20, for s = 0.5;
     DDIM on the same grid: 0.38 / 0.33 and 0.44 / 0.41."""
     sched = getattr(NoiseSchedule, kind)()
-    model = gaussian_eps_predictor(sched, MU, S)
+    model = gaussian_eps_predictor(sched, MU, SIGMA_DATA)
     for steps, tol in ((10, 0.06), (20, 0.05)):
         x_T = torch.randn(SHAPE, generator=torch.Generator().manual_seed(steps))
         x = dpm_solver_sample(model, sched, SHAPE, steps=steps, clip_x0=False, x_T=x_T)
         check_moments(x, std_tol=tol)
         y = ddim_sample(model, sched, SHAPE, timesteps=logsnr_timesteps(sched, steps), clip_x0=False, x_T=x_T)
-        assert abs(x.std().item() - S) < abs(y.std().item() - S) / 3
+        assert abs(x.std().item() - SIGMA_DATA) < abs(y.std().item() - SIGMA_DATA) / 3
 
 
 def test_dpm_solver_converges_at_second_order(linear):
@@ -275,7 +275,7 @@ def test_dpm_solver_converges_at_second_order(linear):
 
     Measured max errors (logSNR grid, linear schedule), steps 10 / 20 / 40:
     DDIM 0.35 / 0.18 / 0.090, DPM-Solver++(2M) 0.048 / 0.022 / 0.0058."""
-    model = gaussian_eps_predictor(linear, MU, S)
+    model = gaussian_eps_predictor(linear, MU, SIGMA_DATA)
     x_T = torch.linspace(-3, 3, 101).reshape(1, 1, 1, 101)
     exact = exact_ode_solution(linear, x_T)
     err = {}
@@ -294,7 +294,7 @@ def test_dpm_solver_converges_at_second_order(linear):
 
 
 def test_dpm_solver_basics(linear):
-    model = gaussian_eps_predictor(linear, MU, S)
+    model = gaussian_eps_predictor(linear, MU, SIGMA_DATA)
     x, traj = dpm_solver_sample(model, linear, (2, 1, 3, 3), steps=10, return_trajectory=True,
                                 generator=torch.Generator().manual_seed(0))
     assert traj.t == logsnr_timesteps(linear, 10) and traj.x_t.shape == (10, 2, 1, 3, 3)
@@ -394,7 +394,7 @@ def test_guided_model_arguments():
 
 
 def test_sampler_arguments_of_the_wrong_type(linear):
-    model = gaussian_eps_predictor(linear, MU, S)
+    model = gaussian_eps_predictor(linear, MU, SIGMA_DATA)
     for sample in (ddpm_sample, ddim_sample, dpm_solver_sample):
         with pytest.raises(ValueError, match=r"shape \(B, C, H, W\)\[0\] must be an integer >= 1"):
             sample(model, linear, (8.5, 1, 28, 28))
