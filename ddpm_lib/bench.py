@@ -31,7 +31,9 @@ import argparse
 import copy
 import json
 import platform
+import re
 import time
+from pathlib import Path
 
 import torch
 
@@ -118,6 +120,18 @@ def train_flops(model, shape, batch_size, device) -> float:
     t = torch.randint(1000, (batch_size,), device=device)
     with FlopCounterMode(display=False) as counter:
         model(x, t).float().square().mean().backward()
+    return float(counter.get_total_flops())
+
+
+def forward_flops(model, shape, batch_size, device) -> float:
+    """FLOPs of one forward pass without gradients at ``batch_size`` (one network evaluation
+    when sampling; matrix products and convolutions)."""
+    from torch.utils.flop_counter import FlopCounterMode
+    model = copy.deepcopy(model).to(device).eval()
+    x = torch.randn((batch_size, *shape), device=device)
+    t = torch.randint(1000, (batch_size,), device=device)
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        model(x, t)
     return float(counter.get_total_flops())
 
 
@@ -258,6 +272,46 @@ def format_row(r: dict) -> str:
     return (f"{r['net']:6s} {r['variant']:22s} {r['params']:>11,d} params  batch {r['batch']:4d}  "
             f"{r['images_per_s']:9.1f} img/s  {r['ms_per_step']:8.2f} ms/step  {r['ms_per_eval']:8.2f} ms/eval  "
             f"{mem}  MFU {mfu}  (warm-up {r['warmup_s']:.1f} s)")
+
+
+# One line of format_row, read back: every figure as rounded as printed.
+ROW = re.compile(r"(?P<net>\S+)\s+(?P<variant>\S.*?)\s+(?P<params>[\d,]+) params\s+"
+                 r"batch\s+(?P<batch>\d+)\s+(?P<images_per_s>[\d.]+) img/s\s+"
+                 r"(?P<ms_per_step>[\d.]+) ms/step\s+(?P<ms_per_eval>[\d.]+) ms/eval\s+"
+                 r"(?:(?P<peak_memory_gb>[\d.]+) GB|n/a)\s+MFU\s+(?:(?P<mfu>[\d.]+)%|n/a)\s+"
+                 r"\(warm-up (?P<warmup_s>[\d.]+) s\)")
+
+
+def parse_row(line: str) -> dict | None:
+    """The inverse of :func:`format_row`: a dict with the keys it reads (net, variant, params,
+    batch, images_per_s, ms_per_step, ms_per_eval, peak_memory_gb where printed, mfu as a
+    fraction or None, warmup_s), or None for any other line, a failed row included."""
+    m = ROW.fullmatch(line.strip())
+    if m is None:
+        return None
+    r = m.groupdict()
+    row = dict(net=r["net"], variant=r["variant"], params=int(r["params"].replace(",", "")),
+               batch=int(r["batch"]))
+    row.update({k: float(r[k]) for k in ("images_per_s", "ms_per_step", "ms_per_eval")})
+    if r["peak_memory_gb"] is not None:
+        row["peak_memory_gb"] = float(r["peak_memory_gb"])
+    row["mfu"] = float(r["mfu"]) / 100 if r["mfu"] is not None else None
+    row["warmup_s"] = float(r["warmup_s"])
+    return row
+
+
+def read_log(path) -> tuple[dict, list[dict]]:
+    """``(env, rows)`` of a saved output of ``python -m ddpm_lib.bench``: ``env`` the first
+    environment line as ``{key: value}`` strings (date, torch, python, device, ..., gpu on a
+    GPU), ``rows`` the :func:`parse_row` dicts of its throughput rows in order (failed rows
+    left out)."""
+    env, rows = {}, []
+    for line in Path(path).read_text().splitlines():
+        if line.startswith("date:") and not env:
+            env = dict(kv.split(": ", 1) for kv in line.strip().split(" | "))
+        elif (row := parse_row(line)) is not None:
+            rows.append(row)
+    return env, rows
 
 
 def table(rows: list[dict]) -> str:

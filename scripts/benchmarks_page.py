@@ -10,32 +10,33 @@ hand, and tests/test_repository.py checks that the page matches the files.
 from __future__ import annotations
 
 import json
-import re
 import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # this checkout's ddpm_lib, installed or not
+from ddpm_lib.bench import read_log  # noqa: E402
+
 PAGE = ROOT / "benchmarks.md"
 RESULTS = ROOT / "results"
 BEGIN, END = "<!-- generated -->", "<!-- end generated -->"
 
-LINE = re.compile(r"^(?P<net>small|cifar)\s+(?P<variant>\S+ \S+(?: \S+)?)\s+(?P<params>[\d,]+) params\s+batch\s+(?P<batch>\d+)\s+"
-                  r"(?P<ips>[\d.]+) img/s\s+(?P<ms>[\d.]+) ms/step\s+(?P<eval>[\d.]+) ms/eval\s+(?P<mem>[\d.]+ GB|n/a)\s+"
-                  r"MFU\s+(?P<mfu>[\d.]+%|n/a)")
+
+def page_row(r: dict) -> dict:
+    """A throughput row of ``ddpm_lib.bench`` (from a log or a JSON file) with the memory and
+    the MFU as the table prints them."""
+    return dict(net=r["net"], variant=r["variant"], params=r["params"], batch=r["batch"],
+                images_per_s=r["images_per_s"], ms_per_step=r["ms_per_step"], ms_per_eval=r["ms_per_eval"],
+                memory=f"{r['peak_memory_gb']:.2f} GB" if "peak_memory_gb" in r else "n/a",
+                mfu=f"{100 * r['mfu']:.1f}%" if r.get("mfu") is not None else "n/a")
 
 
 def parse_log(path: Path) -> tuple[str, list[dict]]:
-    """The environment line and the throughput rows printed by ``python -m ddpm_lib.bench``."""
-    env, rows = "", []
-    for line in path.read_text().splitlines():
-        if line.startswith("date:"):
-            env = line.strip()
-        m = LINE.match(line.strip())
-        if m:
-            rows.append(dict(net=m["net"], variant=m["variant"].strip(), params=int(m["params"].replace(",", "")),
-                             batch=int(m["batch"]), images_per_s=float(m["ips"]), ms_per_step=float(m["ms"]),
-                             ms_per_eval=float(m["eval"]), memory=m["mem"], mfu=m["mfu"]))
-    return env, rows
+    """The environment (as "on DATE, key: value, ...") and the table rows of a saved output of
+    ``python -m ddpm_lib.bench``, read by ``ddpm_lib.bench.read_log``."""
+    env, rows = read_log(path)
+    described = ", ".join([f"on {env['date']}"] + [f"{k}: {v}" for k, v in env.items() if k != "date"])
+    return described, [page_row(r) for r in rows]
 
 
 def throughput_table(rows: list[dict], baseline: str, gpu: bool) -> list[str]:
@@ -55,15 +56,7 @@ def throughput_table(rows: list[dict], baseline: str, gpu: bool) -> list[str]:
 
 
 def json_throughput_rows(result: dict) -> list[dict]:
-    rows = []
-    for r in result["throughput"]:
-        if "error" in r:
-            continue
-        rows.append(dict(net=r["net"], variant=r["variant"], params=r["params"], batch=r["batch"],
-                         images_per_s=r["images_per_s"], ms_per_step=r["ms_per_step"], ms_per_eval=r["ms_per_eval"],
-                         memory=f"{r['peak_memory_gb']:.2f} GB" if "peak_memory_gb" in r else "n/a",
-                         mfu=f"{100 * r['mfu']:.1f}%" if r.get("mfu") is not None else "n/a"))
-    return rows
+    return [page_row(r) for r in result["throughput"] if "error" not in r]
 
 
 def score_row(name: str, s: dict, extra: str = "") -> str:
@@ -77,7 +70,7 @@ def generated() -> str:
     if gpu_log.exists():
         env, rows = parse_log(gpu_log)
         lines += ["### Training throughput on a GPU", "",
-                  f"`python -m ddpm_lib.bench --steps 30 --warmup 10`, batch 128. Measured {env.replace('date: ', 'on ').replace(' | ', ', ')}. "
+                  f"`python -m ddpm_lib.bench --steps 30 --warmup 10`, batch 128. Measured {env}. "
                   "*ms/step*: one training step; *ms/eval*: one network evaluation when sampling; "
                   "*memory*: peak GPU memory in training.", ""]
         lines += throughput_table(rows, "diffusers eager bf16", gpu=True)
