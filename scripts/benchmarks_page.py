@@ -122,14 +122,17 @@ def generated() -> str:
     if lvp.exists():
         r = json.loads(lvp.read_text())
         lines += ["### Latent vs pixel diffusion at equal training time", "",
-                  f"`python scripts/train_part3.py latent --only latent|pixel --threads 1 --budget {r['budget_s']:g}`, "
-                  "both at once on the shared 2-core CPU, one thread each.", "",
-                  "| model | parameters | steps in the budget | images/s | last logged loss |",
-                  "| --- | ---: | ---: | ---: | ---: |"]
+                  f"`{r['how']}`"
+                  f" ({r['date']}): the two models one after the other, {r['budget_s']:g} s each, on {r['device']}, "
+                  f"{r['threads']} thread, warm-up {r['recipe']['warmup_steps']} steps for both. The load average "
+                  "(1 minute) before and after each says whether the machine was otherwise idle.", "",
+                  "| model | parameters | steps in the budget | images/s | last logged loss | load before / after |",
+                  "| --- | ---: | ---: | ---: | ---: | ---: |"]
         for name in ("latent", "pixel"):
             m = r[name]
             loss = f"{m['final_loss']:.4f}" if m.get("final_loss") is not None else "n/a (fewer steps than one log)"
-            lines.append(f"| {name} | {m['params']:,} | {m['steps']:,} | {m['images_per_s']:.1f} | {loss} |")
+            lines.append(f"| {name} | {m['params']:,} | {m['steps']:,} | {m['images_per_s']:.1f} | {loss} | "
+                         f"{m['load_average_before']:.2f} / {m['load_average_after']:.2f} |")
         lines.append("")
     return "\n".join(lines).rstrip() + "\n"
 

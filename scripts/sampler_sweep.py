@@ -120,10 +120,9 @@ def main() -> None:
             save()
     if "latent" in parts and (args.weights / "fashion_mnist_vae.pt").exists():
         vae = autoencoder.load_vae(args.weights / "fashion_mnist_vae.pt", device)
-        latent_model, schedule, _ = load_weights(args.weights / "fashion_mnist_latent_unet.pt", device)
-        pixel_file = args.weights / "fashion_mnist_pixel_equal_time.pt"     # a fresh train_part3.py run
-        pixel_model, _, _ = load_weights(pixel_file if pixel_file.exists() else
-                                         Path("results/fashion_mnist_pixel_equal_time.pt"), device)
+        # the two models of Chapter 10's equal-time run (results/latent_vs_pixel_cpu.json)
+        latent_model, schedule, _ = load_weights(Path("results/fashion_mnist_latent_equal_time.pt"), device)
+        pixel_model, _, _ = load_weights(Path("results/fashion_mnist_pixel_equal_time.pt"), device)
         z, seconds = sample(latent_model, schedule, args.n, "dpm_solver", 20, device, args.batch, clip_x0=False)
         x = torch.cat([vae.decode_latents(z[i:i + args.batch].to(device)).cpu() for i in range(0, len(z), args.batch)])
         result["latent"] = dict(seconds=round(seconds, 2), **score(x))

@@ -2,6 +2,8 @@
 
     python scripts/train_part3.py cfg    --out ddpm_lib/weights --budget 100
     python scripts/train_part3.py latent --out ddpm_lib/weights --budget 45 --vae-steps 4000
+    python scripts/train_part3.py latent --vae ddpm_lib/weights/fashion_mnist_vae.pt \
+        --out results/equal_time_cpu --budget 600 --warmup-steps 20 --threads 1
 
 ``cfg``: the class-conditional U-Net of the guidance chapter (the shipped unconditional
 network's configuration plus a class embedding with a learned null class), trained with
@@ -10,11 +12,16 @@ then a U-Net on its 4x7x7 latents; and, for the comparison at equal training tim
 U-Net trained for the same budget from scratch. Each writes its weights (EMA, exported like
 ``python -m ddpm_lib export``) and a JSON of what it measured (steps, seconds, throughput)
 into ``--out``. The budget stops training at the first step past it (compilation included).
+Without ``--only``, the latent and the pixel model train one after the other, with the same
+recipe and warm-up (the third command: Chapter 10's comparison at equal training time); the
+JSON records the 1-minute load average before and after each, to show the machine was idle.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import platform
 import time
 from pathlib import Path
 
@@ -40,6 +47,7 @@ def export(result, schedule, path: Path, meta: dict) -> str:
 
 
 def timed_train(model, schedule, images, budget, device, **kw):
+    load_before = os.getloadavg()[0]  # was the machine idle? (1-minute load average)
     start = time.perf_counter()
     result = train(model, schedule, images, steps=10**7, device=device, progress=False,
                    callback=budget_stop(budget, start), **{**RECIPE, **kw})
@@ -48,7 +56,8 @@ def timed_train(model, schedule, images, budget, device, **kw):
     seconds = time.perf_counter() - start
     return result, dict(steps=result.step, seconds=round(seconds, 1), batch_size=kw.get("batch_size", RECIPE["batch_size"]),
                         images_per_s=round(result.step * RECIPE["batch_size"] / seconds, 1),
-                        final_loss=result.history["loss"][-1] if result.history["loss"] else None)
+                        final_loss=result.history["loss"][-1] if result.history["loss"] else None,
+                        load_average_before=round(load_before, 2), load_average_after=round(os.getloadavg()[0], 2))
 
 
 def cmd_cfg(args, device, images, labels, schedule) -> dict:
@@ -77,7 +86,8 @@ def cmd_latent(args, device, images, labels, schedule) -> dict:
     rec = autoencoder.reconstruction_error(vae, test_images)
     vae_info.update(test_mse=rec["mse"], test_psnr=rec["psnr"], scale_factor=vae.scale_factor,
                     params=count_parameters(vae))
-    info = dict(device=_device_name(device), budget_s=args.budget, threads=torch.get_num_threads(), vae=vae_info)
+    info = dict(device=_device_name(device), budget_s=args.budget, threads=torch.get_num_threads(),
+                recipe=dict(RECIPE), vae=vae_info)
     if args.only in (None, "latent"):
         latents = autoencoder.encode_dataset(vae, images)
         torch.manual_seed(0)
@@ -98,7 +108,11 @@ def cmd_latent(args, device, images, labels, schedule) -> dict:
 
 
 def _device_name(device) -> str:
-    return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    model = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
+                 platform.processor()) if os.path.exists("/proc/cpuinfo") else platform.processor()
+    return f"cpu ({model}, {os.cpu_count()} cores)"
 
 
 def main() -> None:
@@ -110,6 +124,8 @@ def main() -> None:
     p.add_argument("--latent-channels", type=int, default=64, help="base channels of the latent U-Net")
     p.add_argument("--vae", type=Path, default=None, help="latent: use this trained VAE file")
     p.add_argument("--only", choices=["latent", "pixel"], default=None, help="latent: train only this model")
+    p.add_argument("--warmup-steps", type=int, default=RECIPE["warmup_steps"],
+                   help="learning-rate warm-up in steps, the same for every model of the run")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     p.add_argument("--limit", type=int, default=None, help="use only the first N training images (for a quick check)")
     p.add_argument("--device", default=None)
@@ -117,11 +133,13 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     if args.threads:
         torch.set_num_threads(args.threads)
+    RECIPE["warmup_steps"] = args.warmup_steps
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     images, labels = data.load("fashion_mnist", "train", limit=args.limit)
     schedule = NoiseSchedule.linear()
     info = (cmd_cfg if args.what == "cfg" else cmd_latent)(args, device, images, labels, schedule)
     info["date"] = time.strftime("%Y-%m-%d")
+    info["how"] = "python " + " ".join(__import__("sys").argv)
     info["torch"] = torch.__version__
     (args.out / f"train_{args.what}{'_' + args.only if args.only else ''}.json").write_text(json.dumps(info, indent=1))
     print(json.dumps(info, indent=1))
