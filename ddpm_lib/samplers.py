@@ -177,7 +177,7 @@ def ddim_sample(model, schedule, shape, *, steps: int = 50, eta: float = 0.0, cl
 # DPM-Solver++(2M)
 # ----------------------------------------------------------------------------------------
 def logsnr_timesteps(schedule, steps: int) -> list[int]:
-    """``steps`` timesteps from T-1 down to 0 spaced evenly in lambda = log(alpha/sigma)
+    """``steps`` timesteps from T-1 down to 0 spaced evenly in lambda = log(a_t / b_t)
     (half the log-SNR) instead of in t, each rounded to the nearest discrete timestep.
 
     The spacing Lu et al. (2022) recommend for low-resolution images; pass it to

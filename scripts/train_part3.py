@@ -15,6 +15,9 @@ into ``--out``. The budget stops training at the first step past it (compilation
 Without ``--only``, the latent and the pixel model train one after the other, with the same
 recipe and warm-up (the third command: Chapter 10's comparison at equal training time); the
 JSON records the 1-minute load average before and after each, to show the machine was idle.
+The book keeps that run's files in results/ under the names Chapter 10 reads:
+train_latent.json -> latent_vs_pixel_cpu.json, fashion_mnist_latent_unet.pt ->
+fashion_mnist_latent_equal_time.pt, fashion_mnist_pixel_equal_time.pt unchanged.
 """
 from __future__ import annotations
 
@@ -22,6 +25,8 @@ import argparse
 import json
 import os
 import platform
+import shlex
+import sys
 import time
 from pathlib import Path
 
@@ -110,9 +115,11 @@ def cmd_latent(args, device, images, labels, schedule) -> dict:
 def _device_name(device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    model = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
-                 platform.processor()) if os.path.exists("/proc/cpuinfo") else platform.processor()
-    return f"cpu ({model}, {os.cpu_count()} cores)"
+    model = platform.processor()
+    if os.path.exists("/proc/cpuinfo"):
+        with open("/proc/cpuinfo") as f:
+            model = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), model)
+    return f"cpu ({model}, {os.cpu_count()} logical CPUs)"
 
 
 def main() -> None:
@@ -139,7 +146,7 @@ def main() -> None:
     schedule = NoiseSchedule.linear()
     info = (cmd_cfg if args.what == "cfg" else cmd_latent)(args, device, images, labels, schedule)
     info["date"] = time.strftime("%Y-%m-%d")
-    info["how"] = "python " + " ".join(__import__("sys").argv)
+    info["how"] = "python " + shlex.join(sys.argv)
     info["torch"] = torch.__version__
     (args.out / f"train_{args.what}{'_' + args.only if args.only else ''}.json").write_text(json.dumps(info, indent=1))
     print(json.dumps(info, indent=1))
