@@ -112,27 +112,27 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def train_flops(model, shape, batch_size, device) -> float:
-    """FLOPs of one forward and backward pass at ``batch_size`` (matrix products and convolutions)."""
+def _count_flops(model, shape, batch_size, device, backward: bool) -> float:
     from torch.utils.flop_counter import FlopCounterMode
-    model = copy.deepcopy(model).to(device)
+    model = copy.deepcopy(model).to(device).train(backward)    # a copy: the caller's mode stays
     x = torch.randn((batch_size, *shape), device=device)
     t = torch.randint(1000, (batch_size,), device=device)
-    with FlopCounterMode(display=False) as counter:
-        model(x, t).float().square().mean().backward()
+    with FlopCounterMode(display=False) as counter, torch.set_grad_enabled(backward):
+        out = model(x, t)
+        if backward:
+            out.float().square().mean().backward()
     return float(counter.get_total_flops())
+
+
+def train_flops(model, shape, batch_size, device) -> float:
+    """FLOPs of one forward and backward pass at ``batch_size`` (matrix products and convolutions)."""
+    return _count_flops(model, shape, batch_size, device, backward=True)
 
 
 def forward_flops(model, shape, batch_size, device) -> float:
     """FLOPs of one forward pass without gradients at ``batch_size`` (one network evaluation
     when sampling; matrix products and convolutions)."""
-    from torch.utils.flop_counter import FlopCounterMode
-    model = copy.deepcopy(model).to(device).eval()
-    x = torch.randn((batch_size, *shape), device=device)
-    t = torch.randint(1000, (batch_size,), device=device)
-    with FlopCounterMode(display=False) as counter, torch.no_grad():
-        model(x, t)
-    return float(counter.get_total_flops())
+    return _count_flops(model, shape, batch_size, device, backward=False)
 
 
 def measure_training(kind, net, fast, device, batch_size, steps, warmup, images) -> dict:
@@ -211,9 +211,20 @@ def time_to_quality(device, budgets, batch_size, n_samples, variants, fp16=False
     return rows
 
 
+def cpu_name() -> str:
+    """The processor's model name (from /proc/cpuinfo on Linux), else what platform knows."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def environment(device) -> dict:
     env = dict(date=time.strftime("%Y-%m-%d"), torch=torch.__version__, python=platform.python_version(),
-               device=str(device), cpu=platform.processor() or platform.machine(),
+               device=str(device), cpu=cpu_name(),
                threads=torch.get_num_threads())
     if device.type == "cuda":
         env["gpu"] = torch.cuda.get_device_name(device)

@@ -14,7 +14,6 @@ import argparse
 import datetime
 import json
 import os
-import platform
 import shlex
 import sys
 import time
@@ -22,22 +21,12 @@ from pathlib import Path
 
 import torch
 
+from ddpm_lib.bench import cpu_name
 from ddpm_lib.data import load
 from ddpm_lib.likelihood import _strata_edges, nll_bound
 from ddpm_lib.pretrained import PRETRAINED, load_pretrained
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def cpu_name() -> str:
-    """The processor's model name (Linux), else what platform knows."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def main(argv=None) -> None:

@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shlex
 import sys
 import time
@@ -33,6 +32,7 @@ from pathlib import Path
 import torch
 
 from ddpm_lib import autoencoder, data
+from ddpm_lib.bench import cpu_name
 from ddpm_lib.pretrained import save_weights, sha256
 from ddpm_lib.schedules import NoiseSchedule
 from ddpm_lib.train import train
@@ -115,11 +115,7 @@ def cmd_latent(args, device, images, labels, schedule) -> dict:
 def _device_name(device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    model = platform.processor()
-    if os.path.exists("/proc/cpuinfo"):
-        with open("/proc/cpuinfo") as f:
-            model = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), model)
-    return f"cpu ({model}, {os.cpu_count()} logical CPUs)"
+    return f"cpu ({cpu_name()}, {os.cpu_count()} logical CPUs)"
 
 
 def main() -> None:

@@ -79,3 +79,27 @@ def test_read_log_skips_failed_rows(tmp_path):
     assert env == {"date": "2026-01-01", "torch": "2.13.0", "device": "cuda", "gpu": "NVIDIA H100 80GB HBM3"}
     assert [r["variant"] for r in rows] == ["ddpm_lib eager fp32", "ddpm_lib eager bf16"]
     assert rows[1] == pytest.approx(GPU_ROW)
+
+
+def test_flop_counts_of_a_convolution_and_the_caller_mode_kept():
+    """forward_flops counts 2 H W C_out C_in k^2 for one 3x3 convolution (the time input is
+    ignored by this stand-in), train_flops adds the backward pass, and neither changes the
+    caller's train/eval mode."""
+    import torch
+
+    from ddpm_lib.bench import forward_flops, train_flops
+
+    class Conv(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = torch.nn.Conv2d(4, 8, 3, padding=1)
+
+        def forward(self, x, t):
+            return self.conv(x)
+
+    net = Conv().eval()
+    forward = forward_flops(net, (4, 6, 6), 2, "cpu")
+    assert forward == 2 * 2 * 6 * 6 * 8 * 4 * 9
+    # backward of a convolution: the gradients of the weights (same count); the input needs none
+    assert train_flops(net, (4, 6, 6), 2, "cpu") == 2 * forward
+    assert not net.training
