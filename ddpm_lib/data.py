@@ -3,6 +3,12 @@
 ``load(name, split)`` returns ``(images, labels)``: images float32 of shape (N, C, H, W)
 scaled to [-1, 1], labels int64 of shape (N,).
 
+Each dataset is one :class:`DatasetInfo` in :data:`DATASETS`: its file names, the function that
+reads them, its class names and image shape, the attention resolution its U-Net uses by
+default, and how torchvision downloads it. :func:`load` and the command line
+(``python -m ddpm_lib train --data NAME``) read everything from there; a new dataset is one
+more entry.
+
 Where the raw files are looked for, in order:
 
 1. ``$DDPM_DATA`` (a sub-folder named after the dataset, e.g. ``$DDPM_DATA/mnist``, or the
@@ -15,8 +21,8 @@ Where the raw files are looked for, in order:
 
 In each place a sub-folder named after the dataset comes before the place itself. MNIST and
 Fashion-MNIST files have the same names: the first ten labels tell them apart
-(:data:`LABEL_FINGERPRINTS`), and files that are recognisably the other dataset are skipped,
-with a word in the error if nothing else is found.
+(``DatasetInfo.fingerprints``), and files that are recognisably the other dataset are
+skipped, with a word in the error if nothing else is found.
 
 The MNIST-style files are the IDX format of LeCun et al., read here with NumPy. CIFAR-10's
 python batches are pickles, read with an unpickler that rebuilds NumPy arrays and nothing
@@ -30,101 +36,23 @@ import importlib.util
 import os
 import pickle
 import zlib
+from dataclasses import dataclass, field
 from pathlib import Path
+from types import MappingProxyType
+from typing import Callable, Mapping
 
 import numpy as np
 import torch
 
 from .checks import integer
 
-DATASETS = {
-    "fashion_mnist": dict(
-        files={"train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
-               "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")},
-        dirs=("fashion-mnist", "fashion_mnist", "FashionMNIST/raw", "FashionMNIST"),
-        system="/usr/share/datasets/fashion-mnist", torchvision="FashionMNIST",
-        apt="dataset-fashion-mnist", title="Fashion-MNIST"),
-    "mnist": dict(
-        files={"train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
-               "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")},
-        dirs=("mnist", "MNIST/raw", "MNIST"), system="/usr/share/datasets/mnist",
-        torchvision="MNIST", apt=None, title="MNIST"),
-    "cifar10": dict(
-        files={"train": tuple(f"data_batch_{i}" for i in range(1, 6)), "test": ("test_batch",)},
-        dirs=("cifar-10-batches-py", "cifar10/cifar-10-batches-py", "cifar10"),
-        system="/usr/share/datasets/cifar10", torchvision="CIFAR10", apt=None, title="CIFAR-10"),
-}
-
-# The first ten labels of each IDX label file. MNIST and Fashion-MNIST use the same file names;
-# these tell the files apart (checked on the files of Debian's dataset-fashion-mnist).
-LABEL_FINGERPRINTS = {
-    ("fashion_mnist", "train"): (9, 0, 0, 3, 0, 2, 7, 2, 5, 5),
-    ("fashion_mnist", "test"): (9, 2, 1, 1, 6, 1, 4, 6, 5, 7),
-    ("mnist", "train"): (5, 0, 4, 1, 9, 2, 1, 3, 1, 4),
-    ("mnist", "test"): (7, 2, 1, 0, 4, 1, 4, 9, 5, 9),
-}
-
-FASHION_MNIST_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
-                         "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot")
+SPLITS = ("train", "test")
 
 
 def cache_dir() -> Path:
+    """Where ddpm_lib keeps downloads and caches: ``$XDG_CACHE_HOME/ddpm_lib``, by default
+    ``~/.cache/ddpm_lib``. Taught in chapter 1, "A garment in the fog" (where the data come from)."""
     return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "ddpm_lib"
-
-
-def _find(folder: Path, stem: str) -> Path | None:
-    for name in (stem, stem + ".gz"):
-        if (folder / name).is_file():
-            return folder / name
-    return None
-
-
-def _candidate_dirs(name: str) -> list[Path]:
-    spec = DATASETS[name]
-    roots = []
-    if os.environ.get("DDPM_DATA"):
-        roots.append(Path(os.environ["DDPM_DATA"]))
-    roots += [Path(spec["system"]), cache_dir() / name, Path("data"), Path.cwd().parent / "data"]
-    dirs = []
-    for root in roots:      # a folder named after the dataset first, then the root itself
-        dirs += [root / d for d in spec["dirs"]]
-        dirs.append(root)
-    return dirs
-
-
-def find_files(name: str, split: str) -> list[Path] | None:
-    """The raw files of ``name``/``split`` in the first folder that has them all, or None.
-    Folders whose files are recognisably another dataset (see :func:`identify`) are skipped."""
-    return _search(name, split)[0]
-
-
-def _search(name: str, split: str) -> tuple[list[Path] | None, list[str]]:
-    """``(files or None, why each skipped folder was skipped)``."""
-    stems = DATASETS[name]["files"][split]
-    skipped = []
-    for folder in _candidate_dirs(name):
-        found = [_find(folder, s) for s in stems]
-        if not all(found):
-            continue
-        other = identify(found[-1]) if name in ("mnist", "fashion_mnist") else None
-        if other is None or other == (name, split):
-            return found, skipped
-        first = ", ".join(map(str, LABEL_FINGERPRINTS[other]))
-        skipped.append(f"{folder} holds the {DATASETS[other[0]]['title']} {other[1]} files (their "
-                       f"first labels are {first}), not {DATASETS[name]['title']}'s {split} files")
-    return None, skipped
-
-
-def identify(labels_path: Path) -> tuple[str, str] | None:
-    """``(dataset, split)`` whose first ten labels the IDX label file starts with (see
-    :data:`LABEL_FINGERPRINTS`), or None if unknown or unreadable."""
-    try:
-        with _open(labels_path) as f:
-            head = f.read(18)                     # 8 header bytes, then the first 10 labels
-    except (OSError, EOFError, zlib.error):
-        return None
-    return next((key for key, first in LABEL_FINGERPRINTS.items() if tuple(head[8:]) == first),
-                None)
 
 
 def _open(path: Path):
@@ -134,10 +62,10 @@ def _open(path: Path):
 def _fresh_copy_advice(path: Path) -> str:
     """How to replace a damaged data file: reinstall the Debian package it came from, or
     delete it and download again."""
-    for spec in DATASETS.values():
-        if spec["apt"] and Path(spec["system"]) in Path(path).absolute().parents:
+    for info in DATASETS.values():
+        if info.apt and Path(info.system) in Path(path).absolute().parents:
             return ("Reinstall the package that installed it: "
-                    f"sudo apt-get install --reinstall {spec['apt']}")
+                    f"sudo apt-get install --reinstall {info.apt}")
     return (f"Delete it and get a fresh copy: load() downloads the dataset into {cache_dir()} when "
             "torchvision is installed and online, or copy the original files again")
 
@@ -168,8 +96,9 @@ def _read_idx(path: Path) -> np.ndarray:
     return array.reshape(shape)
 
 
-def _read_idx_pair(images_path: Path, labels_path: Path) -> tuple[np.ndarray, np.ndarray]:
-    """Images (N, 1, H, W) and labels (N,) from the two IDX files of a split."""
+def _read_idx_split(paths: list[Path]) -> tuple[np.ndarray, np.ndarray]:
+    """Images (N, 1, H, W) and labels (N,) from the two IDX files of a split (images, labels)."""
+    images_path, labels_path = paths
     images, labels = _read_idx(images_path), _read_idx(labels_path)
     if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
         raise ValueError(f"{images_path} and {labels_path} do not belong together: images of "
@@ -193,11 +122,13 @@ def _numpy_array_globals() -> dict:
 
 
 class RefusedGlobal(pickle.UnpicklingError):
-    """A pickle asked for a global that :class:`CifarUnpickler` does not allow."""
+    """A pickle asked for a global that :class:`CifarUnpickler` does not allow. Taught in
+    chapter 11, "A CIFAR-10 recipe for an hour on Colab" (``ch11-recipe``)."""
 
 
 class CifarUnpickler(pickle.Unpickler):
     """Unpickles CIFAR-10's python batches: dicts of NumPy arrays, lists, bytes and numbers.
+    Taught in chapter 11, "A CIFAR-10 recipe for an hour on Colab" (``ch11-recipe``).
 
     ``pickle.load`` calls any function a file names, so a doctored batch file could run code
     while it loads. This unpickler finds only the globals that rebuilding a NumPy array needs
@@ -246,73 +177,203 @@ def _read_cifar(paths: list[Path]) -> tuple[np.ndarray, np.ndarray]:
     return np.concatenate(images), np.concatenate(labels)
 
 
-def _download(name: str) -> None:
+
+# ----------------------------------------------------------------------------- the registry
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    """Everything ddpm_lib knows about one dataset; :func:`load` and the command line use
+    nothing else. Taught in chapter 11, "A CIFAR-10 recipe for an hour on Colab" (``ch11-recipe``).
+
+    ``files`` maps each split to the stems of its raw files (found with or without ``.gz``),
+    which ``reader`` turns into uint8 images (N, *image_shape*) and labels (N,). ``dirs`` are
+    the sub-folders the files may sit in (torchvision's layout among them), ``system`` the
+    folder of a Debian package (``apt``), ``torchvision`` the class in
+    ``torchvision.datasets`` that downloads it (``Class(root, train=..., download=True)``).
+    ``attention_resolutions`` is the U-Net's default for these images. ``fingerprints``: the
+    first ten labels of each split, for formats whose files other datasets share.
+    """
+
+    name: str
+    title: str
+    files: Mapping[str, tuple[str, ...]]
+    reader: Callable[[list[Path]], tuple[np.ndarray, np.ndarray]]
+    classes: tuple[str, ...]
+    image_shape: tuple[int, int, int]
+    attention_resolutions: tuple[int, ...]
+    dirs: tuple[str, ...]
+    system: str
+    torchvision: str
+    apt: str | None = None
+    fingerprints: Mapping[str, tuple[int, ...]] = field(default_factory=dict)
+
+    def __post_init__(self):        # frozen all the way down: the registry is read-only
+        object.__setattr__(self, "files", MappingProxyType(dict(self.files)))
+        object.__setattr__(self, "fingerprints", MappingProxyType(dict(self.fingerprints)))
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+
+FASHION_MNIST_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
+                         "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot")
+_IDX_FILES = {"train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+              "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")}
+
+DATASETS = {info.name: info for info in (
+    DatasetInfo(
+        "fashion_mnist", "Fashion-MNIST", _IDX_FILES, _read_idx_split, FASHION_MNIST_CLASSES,
+        image_shape=(1, 28, 28), attention_resolutions=(7,),       # the book's U-Nets (chapter 4)
+        dirs=("fashion-mnist", "fashion_mnist", "FashionMNIST/raw", "FashionMNIST"),
+        system="/usr/share/datasets/fashion-mnist", torchvision="FashionMNIST",
+        apt="dataset-fashion-mnist",
+        # checked on the files of Debian's dataset-fashion-mnist
+        fingerprints={"train": (9, 0, 0, 3, 0, 2, 7, 2, 5, 5), "test": (9, 2, 1, 1, 6, 1, 4, 6, 5, 7)}),
+    DatasetInfo(
+        "mnist", "MNIST", _IDX_FILES, _read_idx_split, tuple(str(d) for d in range(10)),
+        image_shape=(1, 28, 28), attention_resolutions=(7,),
+        dirs=("mnist", "MNIST/raw", "MNIST"), system="/usr/share/datasets/mnist", torchvision="MNIST",
+        fingerprints={"train": (5, 0, 4, 1, 9, 2, 1, 3, 1, 4), "test": (7, 2, 1, 0, 4, 1, 4, 9, 5, 9)}),
+    DatasetInfo(
+        "cifar10", "CIFAR-10",
+        {"train": tuple(f"data_batch_{i}" for i in range(1, 6)), "test": ("test_batch",)}, _read_cifar,
+        ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"),
+        image_shape=(3, 32, 32), attention_resolutions=(16,),      # Ho et al. 2020: 16x16
+        dirs=("cifar-10-batches-py", "cifar10/cifar-10-batches-py", "cifar10"),
+        system="/usr/share/datasets/cifar10", torchvision="CIFAR10"),
+)}
+
+DEFAULT_DATASET = "fashion_mnist"      # the book's running example: what load() & co. use by default
+
+# The first ten labels of each IDX label file, by (dataset, split): MNIST and Fashion-MNIST use
+# the same file names, and these tell the files apart.
+LABEL_FINGERPRINTS = {(info.name, split): first for info in DATASETS.values()
+                      for split, first in info.fingerprints.items()}
+
+
+def dataset_info(name: str) -> DatasetInfo:
+    """The registry entry of ``name`` ("fashion_mnist", "fashion-mnist", "MNIST", "cifar10"
+    ...). Taught in chapter 11, "A CIFAR-10 recipe for an hour on Colab" (``ch11-recipe``)."""
+    key = name.lower().replace("-", "_") if isinstance(name, str) else None
+    if key not in DATASETS:
+        raise ValueError(f"unknown dataset {name!r}; choose one of {sorted(DATASETS)}")
+    return DATASETS[key]
+
+
+# ----------------------------------------------------------------------------- finding the files
+
+def _find(folder: Path, stem: str) -> Path | None:
+    for name in (stem, stem + ".gz"):
+        if (folder / name).is_file():
+            return folder / name
+    return None
+
+
+def _candidate_dirs(info: DatasetInfo) -> list[Path]:
+    roots = []
+    if os.environ.get("DDPM_DATA"):
+        roots.append(Path(os.environ["DDPM_DATA"]))
+    roots += [Path(info.system), cache_dir() / info.name, Path("data"), Path.cwd().parent / "data"]
+    dirs = []
+    for root in roots:      # a folder named after the dataset first, then the root itself
+        dirs += [root / d for d in info.dirs]
+        dirs.append(root)
+    return dirs
+
+
+def find_files(name: str, split: str) -> list[Path] | None:
+    """The raw files of ``name``/``split`` in the first folder that has them all, or None.
+    Folders whose files are recognisably another dataset (see :func:`identify`) are skipped.
+    Taught in chapter 1, "A garment in the fog"."""
+    return _search(dataset_info(name), split)[0]
+
+
+def _search(info: DatasetInfo, split: str) -> tuple[list[Path] | None, list[str]]:
+    """``(files or None, why each skipped folder was skipped)``."""
+    skipped = []
+    for folder in _candidate_dirs(info):
+        found = [_find(folder, s) for s in info.files[split]]
+        if not all(found):
+            continue
+        other = identify(found[-1]) if info.fingerprints else None
+        if other is None or other == (info.name, split):
+            return found, skipped
+        first = ", ".join(map(str, LABEL_FINGERPRINTS[other]))
+        skipped.append(f"{folder} holds the {DATASETS[other[0]].title} {other[1]} files (their "
+                       f"first labels are {first}), not {info.title}'s {split} files")
+    return None, skipped
+
+
+def identify(labels_path: Path) -> tuple[str, str] | None:
+    """``(dataset, split)`` whose first ten labels the IDX label file starts with (see
+    :data:`LABEL_FINGERPRINTS`), or None if unknown or unreadable. Taught in chapter 1,
+    "A garment in the fog"."""
+    try:
+        with _open(labels_path) as f:
+            head = f.read(18)                     # 8 header bytes, then the first 10 labels
+    except (OSError, EOFError, zlib.error):
+        return None
+    return next((key for key, first in LABEL_FINGERPRINTS.items() if tuple(head[8:]) == first),
+                None)
+
+
+def _download(info: DatasetInfo) -> None:
     try:
         import torchvision.datasets as tvd
     except ImportError as e:
         raise FileNotFoundError("torchvision is not installed") from e
-    root = cache_dir() / name
-    getattr(tvd, DATASETS[name]["torchvision"])(root=str(root), train=True, download=True)
-    getattr(tvd, DATASETS[name]["torchvision"])(root=str(root), train=False, download=True)
+    for train in (True, False):
+        getattr(tvd, info.torchvision)(root=str(cache_dir() / info.name), train=train, download=True)
 
 
-def load(name: str = "fashion_mnist", split: str = "train", limit: int | None = None,
+def load(name: str = DEFAULT_DATASET, split: str = "train", limit: int | None = None,
          download: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """Load a dataset as ``(images, labels)``: float32 (N, C, H, W) in [-1, 1], int64 (N,).
 
-    ``limit`` keeps the first ``limit`` examples. ``download`` allows a torchvision download
-    into ``~/.cache/ddpm_lib`` when the files are nowhere on disk.
+    ``name`` is a key of :data:`DATASETS`. ``limit`` keeps the first ``limit`` examples.
+    ``download`` allows a torchvision download into ``~/.cache/ddpm_lib`` when the files are
+    nowhere on disk. Taught in chapter 1, "A garment in the fog".
     """
-    if not isinstance(name, str) or name.lower().replace("-", "_") not in DATASETS:
-        raise ValueError(f"unknown dataset {name!r}; choose one of {sorted(DATASETS)}")
-    name = name.lower().replace("-", "_")
-    if split not in ("train", "test"):
+    info = dataset_info(name)
+    if split not in SPLITS:
         raise ValueError(f"split must be 'train' or 'test', got {split!r}")
     if limit is not None:
         limit = integer("limit (the number of examples to keep, or None for all)", limit, minimum=1)
-    files, skipped = _search(name, split)
+    files, skipped = _search(info, split)
     if files is None and download:
         try:
-            _download(name)
+            _download(info)
         except Exception as e:  # offline, or no torchvision
             reason = f"{type(e).__name__}: {e}"
         else:
             reason = None
-        files, skipped = _search(name, split)
+        files, skipped = _search(info, split)
     else:
         reason = "download=False"
     if files is None:
-        spec = DATASETS[name]
-        how = [f"  - put the raw files ({', '.join(spec['files'][split])}, optionally .gz) in a folder "
-               f"and set DDPM_DATA to it"]
-        if spec["apt"]:
-            how.insert(0, f"  - on Debian/Ubuntu: sudo apt-get install {spec['apt']}")
-        how.append("  - or, online with torchvision installed, call load() again (it downloads to "
-                   f"{cache_dir() / name})")
-        if skipped:
-            how.insert(0, f"  - the {spec['title']} files go in a folder named {spec['dirs'][0]!r} "
-                          "under DDPM_DATA (or in a folder DDPM_DATA points to)")
-        raise FileNotFoundError(f"could not find the {name} {split} files; looked in:\n    "
-                                + "\n    ".join(str(d) for d in _candidate_dirs(name)[:6])
-                                + "".join(f"\nskipped: {why}" for why in skipped)
-                                + f"\n(download failed: {reason})\nTo get them:\n" + "\n".join(how))
-    if name == "cifar10":
-        images, labels = _read_cifar(files)
-    else:
-        images, labels = _read_idx_pair(*files)
+        raise _not_found(info, split, skipped, reason)
+    images, labels = info.reader(files)
+    if tuple(images.shape[1:]) != info.image_shape:
+        raise ValueError(f"{files[0]} holds images of shape {tuple(images.shape[1:])}, not "
+                         f"{info.title}'s {info.image_shape}. {_fresh_copy_advice(files[0])}")
     if limit is not None:
         images, labels = images[:limit], labels[:limit]
     x = torch.from_numpy(np.array(images, dtype=np.uint8, copy=True)).float().div_(127.5).sub_(1.0)
     return x, torch.from_numpy(np.asarray(labels, dtype=np.int64))
 
 
-def to_uint8(x: torch.Tensor) -> np.ndarray:
-    """Images in [-1, 1] (any float tensor or array, any shape) to uint8 in 0..255, same shape
-    (values outside [-1, 1] are clipped)."""
-    x = torch.as_tensor(x).detach().cpu()
-    if not x.is_floating_point():
-        already = " (already uint8: nothing to convert)" if x.dtype == torch.uint8 else ""
-        raise ValueError(f"to_uint8 takes float images in [-1, 1], got dtype {x.dtype}{already}")
-    if x.isnan().any():
-        raise ValueError("the images contain NaN values, which have no uint8 value")
-    return ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).numpy()
+def _not_found(info: DatasetInfo, split: str, skipped: list[str], reason) -> FileNotFoundError:
+    how = [f"  - put the raw files ({', '.join(info.files[split])}, optionally .gz) in a folder "
+           f"and set DDPM_DATA to it"]
+    if info.apt:
+        how.insert(0, f"  - on Debian/Ubuntu: sudo apt-get install {info.apt}")
+    how.append("  - or, online with torchvision installed, call load() again (it downloads to "
+               f"{cache_dir() / info.name})")
+    if skipped:
+        how.insert(0, f"  - the {info.title} files go in a folder named {info.dirs[0]!r} "
+                      "under DDPM_DATA (or in a folder DDPM_DATA points to)")
+    return FileNotFoundError(f"could not find the {info.name} {split} files; looked in:\n    "
+                             + "\n    ".join(str(d) for d in _candidate_dirs(info)[:6])
+                             + "".join(f"\nskipped: {why}" for why in skipped)
+                             + f"\n(download failed: {reason})\nTo get them:\n" + "\n".join(how))

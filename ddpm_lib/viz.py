@@ -4,13 +4,15 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .data import to_uint8
+from .features import to_uint8
 
 
 def make_grid(images: torch.Tensor, nrow: int = 8, padding: int = 2, pad_value: float = 1.0) -> np.ndarray:
     """Tile images (N, C, H, W) in [-1, 1] into one uint8 array (H', W') or (H', W', 3).
 
     ``nrow`` images per row; ``pad_value`` in [-1, 1] is the colour between tiles.
+    Used in chapter 2, "Linear and cosine schedules", and chapter 6; :func:`show_grid` draws it
+    in the other chapters.
     """
     if images.ndim != 4:
         raise ValueError(f"images must have shape (N, C, H, W), got {tuple(images.shape)}")
@@ -30,7 +32,8 @@ def make_grid(images: torch.Tensor, nrow: int = 8, padding: int = 2, pad_value: 
 
 
 def show_grid(images: torch.Tensor, nrow: int = 8, title: str | None = None, ax=None, **kwargs):
-    """Show :func:`make_grid` of ``images`` with matplotlib. Returns the axes."""
+    """Show :func:`make_grid` of ``images`` with matplotlib. Returns the axes.
+    Used in most chapters, first in chapter 1, "A garment in the fog"."""
     import matplotlib.pyplot as plt
     grid = make_grid(images, nrow=nrow, **kwargs)
     if ax is None:
@@ -43,7 +46,8 @@ def show_grid(images: torch.Tensor, nrow: int = 8, title: str | None = None, ax=
 
 
 def save_grid(images: torch.Tensor, path, nrow: int = 8) -> None:
-    """Save :func:`make_grid` of ``images`` as a PNG file."""
+    """Save :func:`make_grid` of ``images`` as a PNG file. Used by ``python -m ddpm_lib sample
+    --out`` in chapter 5, "The same from the command line"."""
     import matplotlib.pyplot as plt
     grid = make_grid(images, nrow=nrow)
     plt.imsave(path, grid, cmap="gray" if grid.ndim == 2 else None, vmin=0, vmax=255)

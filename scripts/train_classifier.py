@@ -1,5 +1,6 @@
-"""Train the small Fashion-MNIST classifier whose features ``ddpm_lib.metrics`` uses (the
-shipped ``ddpm_lib/weights/fashion_mnist_classifier.pt``), report its test accuracy, save it.
+"""Train the small Fashion-MNIST classifier of ``ddpm_lib.features``, whose features the scores of
+``ddpm_lib.metrics`` use by default (the shipped ``ddpm_lib/weights/fashion_mnist_classifier.pt``),
+report its test accuracy, save it.
 
     python scripts/train_classifier.py                       # the shipped recipe, a few minutes on one CPU thread
     python scripts/train_classifier.py --out my_classifier.pt --epochs 2
@@ -10,8 +11,8 @@ version gives the same weights, bit for bit (the file's sha256 also depends on t
 training time recorded in its meta). The file is a plain dict (``state_dict``, ``config``,
 ``meta``) that loads with ``torch.load(..., weights_only=True)``. After retraining the
 shipped file, put the sha256 printed at the end into ``CLASSIFIER_SHA256`` in
-``ddpm_lib/metrics.py``; a file of your own loads with
-``metrics.load_classifier(path=..., expected_sha256=None)``.
+``ddpm_lib/features.py``; a file of your own loads with
+``features.load_classifier(path=..., expected_sha256=None)``.
 """
 from __future__ import annotations
 
@@ -25,9 +26,10 @@ import torch
 import torch.nn.functional as F
 
 from ddpm_lib.data import load
-from ddpm_lib.metrics import CLASSIFIER_FILE, FashionClassifier, classifier_accuracy
+from ddpm_lib.features import CLASSIFIER_FILE, FashionClassifier
+from ddpm_lib.metrics import classifier_accuracy
 from ddpm_lib.pretrained import WEIGHTS_DIR, sha256
-from ddpm_lib.train import save_checkpoint
+from ddpm_lib.io import save_checkpoint
 
 
 def main(argv=None) -> None:

@@ -5,9 +5,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import write_fake_idx_dataset
+from conftest import write_fake_dataset
 
-from ddpm_lib import book, data
+from ddpm_lib import book, data, features
 from ddpm_lib.viz import make_grid
 
 
@@ -65,7 +65,7 @@ def test_truncated_idx_file(tmp_path):
 
 def test_to_uint8_and_grid():
     x = torch.tensor([-1.0, 0.0, 1.0, 2.0]).view(1, 1, 2, 2)
-    assert data.to_uint8(x).flatten().tolist() == [0, 128, 255, 255]
+    assert features.to_uint8(x).flatten().tolist() == [0, 128, 255, 255]
     grid = make_grid(torch.zeros(5, 1, 4, 4), nrow=3, padding=1)
     assert grid.shape == (2 * 5 + 1, 3 * 5 + 1) and grid.dtype.name == "uint8"
     assert make_grid(torch.zeros(2, 3, 4, 4)).shape == (8, 14, 3)  # padding 2
@@ -185,10 +185,8 @@ def test_mnist_files_are_told_apart_from_fashion_mnist(tmp_path, monkeypatch):
     assert f"{fashion} holds the Fashion-MNIST test files" in message and "'mnist'" in message
     # with MNIST in a folder of its own beside them, each name finds its own files
     root = tmp_path / "datasets"
-    write_fake_idx_dataset(root, data.LABEL_FINGERPRINTS["fashion_mnist", "train"],
-                           data.LABEL_FINGERPRINTS["fashion_mnist", "test"])
-    write_fake_idx_dataset(root / "mnist", data.LABEL_FINGERPRINTS["mnist", "train"],
-                           data.LABEL_FINGERPRINTS["mnist", "test"])
+    write_fake_dataset(root, "fashion_mnist", labels=data.DATASETS["fashion_mnist"].fingerprints)
+    write_fake_dataset(root / "mnist", "mnist", labels=data.DATASETS["mnist"].fingerprints)
     monkeypatch.setenv("DDPM_DATA", str(root))
     _, y = data.load("mnist", "train")
     assert tuple(y.tolist()) == data.LABEL_FINGERPRINTS["mnist", "train"]
@@ -208,7 +206,7 @@ def test_label_fingerprints_match_the_installed_fashion_mnist():
 
 @pytest.mark.parametrize("damage", ["truncated", "not gzip"])
 def test_damaged_gzip_file_says_which_and_how_to_replace_it(tmp_path, monkeypatch, damage):
-    write_fake_idx_dataset(tmp_path, [1, 2, 3], [4, 5, 6])
+    write_fake_dataset(tmp_path, "fashion_mnist", labels={"train": [1, 2, 3], "test": [4, 5, 6]})
     images = tmp_path / "t10k-images-idx3-ubyte.gz"
     raw = images.read_bytes()
     images.write_bytes(raw[:len(raw) // 2] if damage == "truncated" else b"not a gzip file at all")
@@ -228,6 +226,38 @@ def test_more_bad_arguments_of_load_and_to_uint8():
     with pytest.raises(ValueError, match="unknown dataset"):
         data.load(None)
     with pytest.raises(ValueError, match="already uint8"):
-        data.to_uint8(torch.zeros(1, 1, 2, 2, dtype=torch.uint8))
+        features.to_uint8(torch.zeros(1, 1, 2, 2, dtype=torch.uint8))
     with pytest.raises(ValueError, match="NaN"):
-        data.to_uint8(torch.full((1, 1, 2, 2), float("nan")))
+        features.to_uint8(torch.full((1, 1, 2, 2), float("nan")))
+
+
+# ----------------------------------------------------------------------------- the registry
+
+@pytest.mark.parametrize("name", sorted(data.DATASETS))
+def test_every_registered_dataset_loads_from_its_files(tmp_path, monkeypatch, name):
+    """One path for every dataset: the registry entry's file names and reader, then its image
+    shape; files of the wrong shape are refused with the expected one."""
+    info = data.DATASETS[name]
+    labels = {"train": list(range(info.num_classes)) * 2, "test": [3, 1, 4, 1, 5]}
+    write_fake_dataset(tmp_path / info.dirs[0], name, labels=labels)
+    monkeypatch.setenv("DDPM_DATA", str(tmp_path))
+    for split in data.SPLITS:
+        x, y = data.load(name.upper(), split, download=False)
+        assert tuple(x.shape) == (len(labels[split]), *info.image_shape) and x.dtype == torch.float32
+        assert sorted(y.tolist()) == sorted(labels[split])
+    assert info.num_classes == len(info.classes) == 10
+    assert all(r <= info.image_shape[-1] for r in info.attention_resolutions)
+    assert data.FASHION_MNIST_CLASSES == data.DATASETS["fashion_mnist"].classes
+    with pytest.raises(TypeError):
+        info.files["train"] = ()               # the registry is read-only
+
+
+def test_images_of_the_wrong_shape_are_refused(tmp_path, monkeypatch):
+    write_fake_dataset(tmp_path, "mnist", labels=data.DATASETS["mnist"].fingerprints)
+    small = np.zeros((10, 14, 14), dtype=np.uint8)
+    header = bytes([0, 0, 8, 3]) + b"".join(int(n).to_bytes(4, "big") for n in small.shape)
+    (tmp_path / "t10k-images-idx3-ubyte.gz").unlink()
+    (tmp_path / "t10k-images-idx3-ubyte").write_bytes(header + small.tobytes())
+    monkeypatch.setenv("DDPM_DATA", str(tmp_path))
+    with pytest.raises(ValueError, match=r"shape \(1, 14, 14\), not MNIST's \(1, 28, 28\)"):
+        data.load("mnist", "test", download=False)

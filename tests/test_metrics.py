@@ -1,5 +1,7 @@
-"""ddpm_lib.metrics: the Frechet distance against its closed form, KID, precision/recall,
-class statistics, nearest neighbours, and the shipped classifier on real Fashion-MNIST."""
+"""ddpm_lib.metrics and ddpm_lib.features: the Frechet distance against its closed form, KID,
+precision/recall, class statistics, nearest neighbours; the image conversions, the shipped
+classifier on real Fashion-MNIST, and the book's FID Inception against pytorch-fid's."""
+import importlib.util
 import math
 import shutil
 
@@ -7,8 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ddpm_lib import metrics
-from ddpm_lib.data import load, to_uint8
+from ddpm_lib import features, metrics
 
 
 def exact_distances(a, b):
@@ -98,11 +99,11 @@ def test_fid_accepts_any_extractor(gen):
     assert metrics.fid(x, (x + 0.5).clamp(-1, 1), extractor=mean_and_std) > 0.05
     # uint8 images are the same images
     u8 = ((x + 1) * 127.5).round().to(torch.uint8)
-    assert torch.allclose(metrics.as_float_images(u8), x, atol=1 / 127.5)
-    assert metrics.as_float_images(u8[:, 0]).shape == (40, 1, 28, 28)
+    assert torch.allclose(features.as_float_images(u8), x, atol=1 / 127.5)
+    assert features.as_float_images(u8[:, 0]).shape == (40, 1, 28, 28)
     rgb = (torch.arange(2 * 3 * 32 * 32) % 256).to(torch.uint8).reshape(2, 3, 32, 32)
     channels_last = rgb.permute(0, 2, 3, 1).numpy()               # as `sample --npy` writes colour
-    assert torch.equal(metrics.as_float_images(channels_last), metrics.as_float_images(rgb))
+    assert torch.equal(features.as_float_images(channels_last), features.as_float_images(rgb))
 
 
 # ----------------------------------------------------------------------------- KID
@@ -173,7 +174,7 @@ def test_nearest_neighbours_brute_force(gen):
     # both are float64 norms of the same differences, summed in a different order: ~1e-15 relative
     assert torch.allclose(nn["distances"], expected_d[:, :3], rtol=1e-12, atol=0)
     # uint8 NumPy arrays (N, H, W), as `python -m ddpm_lib sample --npy` writes them
-    nn_u8 = metrics.nearest_neighbours(to_uint8(samples)[:3, 0], to_uint8(train)[:, 0], k=1)
+    nn_u8 = metrics.nearest_neighbours(features.to_uint8(samples)[:3, 0], features.to_uint8(train)[:, 0], k=1)
     assert nn_u8["indices"][:, 0].tolist() == [5, 123, 299] and torch.all(nn_u8["distances"] == 0)
     with pytest.raises(ValueError, match="only 2 rows"):
         metrics.nearest_neighbours(samples, train[:2], k=3)
@@ -190,95 +191,143 @@ def test_inception_extractor_never_downloads_silently(tmp_path, monkeypatch):
     monkeypatch.delenv("DDPM_INCEPTION_WEIGHTS", raising=False)
     for path in (None, tmp_path / "missing.pth"):
         with pytest.raises(FileNotFoundError) as info:
-            metrics.inception_extractor(weights_path=path)
-        assert metrics.FID_INCEPTION_URL in str(info.value) and "download=True" in str(info.value)
+            features.inception_extractor(weights_path=path)
+        assert features.FID_INCEPTION_URL in str(info.value) and "download=True" in str(info.value)
 
 
 def test_fid_inception_network_shapes():
     pytest.importorskip("torchvision")
-    net = metrics.build_fid_inception()  # random weights: the architecture only
+    net = features.build_fid_inception()  # random weights: the architecture only
     assert net(torch.zeros(2, 3, 299, 299)).shape == (2, 2048)
+
+
+def random_fid_inception_weights():
+    """A state dict of the FID Inception with random weights of sensible size (He-scaled
+    convolutions, batch norms near the identity), so that features neither vanish nor explode."""
+    g = torch.Generator().manual_seed(0)
+    weights = {}
+    for key, value in features.build_fid_inception().net.state_dict().items():
+        noise = 0.1 * torch.randn(value.shape, generator=g)
+        if not value.is_floating_point():
+            weights[key] = value
+        elif key.endswith("conv.weight"):
+            weights[key] = torch.randn(value.shape, generator=g) * (2 / value[0].numel()) ** 0.5
+        elif key.endswith(("bn.weight", "bn.running_var")):
+            weights[key] = 1 + noise.abs()
+        else:                                   # batch norm biases and means, the unused fc
+            weights[key] = noise
+    return weights
+
+
+def test_book_inception_matches_pytorch_fid(tmp_path, monkeypatch):
+    """"The usual FID", checked rather than assumed: with the same weights (random: the real
+    ones are a 91 MB download), uint8 grey 28x28 images through inception_extractor, with the
+    book's port or pytorch-fid's network, give the 2048 features that pytorch-fid's own pipeline
+    (its InceptionV3 with its resize and scaling, on RGB images in [0, 1]) gives. Runs where
+    pytorch-fid (the `fid` extra) and torchvision are installed."""
+    pytorch_fid = pytest.importorskip("pytorch_fid.inception")
+    weights = random_fid_inception_weights()
+    torch.save(weights, tmp_path / "random_inception.pth")
+    monkeypatch.setattr(pytorch_fid, "load_state_dict_from_url", lambda *args, **kwargs: weights)
+    reference = pytorch_fid.InceptionV3([3]).eval()           # pytorch-fid's defaults
+    images = torch.randint(0, 256, (2, 28, 28), generator=torch.Generator().manual_seed(1), dtype=torch.uint8)
+    with torch.no_grad():
+        expected = reference(images[:, None].float().div(255).repeat(1, 3, 1, 1))[0].flatten(1).double()
+    assert expected.shape == (2, 2048) and expected.std() > 1e-2
+    for implementation in ("ddpm_lib", "pytorch-fid", "auto"):
+        extract = features.inception_extractor(tmp_path / "random_inception.pth", device="cpu",
+                                               implementation=implementation)
+        torch.testing.assert_close(extract(images), expected, rtol=1e-4, atol=1e-4 * float(expected.abs().max()))
+    assert extract.implementation == "pytorch-fid"            # auto prefers pytorch-fid
+
+
+def test_inception_implementation_is_checked(tmp_path):
+    torch.save({}, tmp_path / "weights.pth")
+    with pytest.raises(ValueError, match="implementation must be one of"):
+        features.inception_extractor(tmp_path / "weights.pth", implementation="tensorflow")
+    if importlib.util.find_spec("pytorch_fid") is None:
+        with pytest.raises(ImportError, match=r"ddpm_lib\[fid\]"):
+            features.inception_extractor(tmp_path / "weights.pth", device="cpu", implementation="pytorch-fid")
 
 
 # ----------------------------------------------------------------------------- the shipped classifier
 
 def test_classifier_sha256_mismatch(tmp_path):
     bad = tmp_path / "classifier.pt"
-    shutil.copy(metrics.WEIGHTS_DIR / metrics.CLASSIFIER_FILE, bad)
+    shutil.copy(features.WEIGHTS_DIR / features.CLASSIFIER_FILE, bad)
     with open(bad, "ab") as f:
         f.write(b"\0")
     with pytest.raises(ValueError, match="sha256 .* expected_sha256=None"):
-        metrics.load_classifier(path=bad)
+        features.load_classifier(path=bad)
     truncated = tmp_path / "truncated.pt"
     truncated.write_bytes(bad.read_bytes()[:1000])
     with pytest.raises(ValueError, match="classifier weights"):       # through io.load_verified
-        metrics.load_classifier(path=truncated, expected_sha256=None)
+        features.load_classifier(path=truncated, expected_sha256=None)
     with pytest.raises(FileNotFoundError, match="train_classifier"):
-        metrics.load_classifier(path=tmp_path / "absent.pt")
+        features.load_classifier(path=tmp_path / "absent.pt")
 
 
 @pytest.fixture(scope="module")
-def fashion():
-    """Real Fashion-MNIST and the shipped classifier's outputs on it, computed once."""
-    torch.manual_seed(0)
-    train, _ = load("fashion_mnist", "train", limit=6000)
-    test, test_labels = load("fashion_mnist", "test", limit=2000)
-    classifier = metrics.load_classifier()
-    train_feats = metrics.extract_features(train)
-    test_feats, test_probs = metrics.classifier_outputs(test, classifier)
-    return dict(train=train, test=test, test_labels=test_labels, classifier=classifier,
-                train_feats=train_feats, test_feats=test_feats, test_probs=test_probs)
+def scored(fashion):
+    """The shared Fashion-MNIST subset (conftest's ``fashion``) and the shipped classifier's
+    outputs on it, computed once."""
+    classifier = features.load_classifier()
+    test_feats, test_probs = features.classifier_outputs(fashion.test, classifier)
+    return dict(train=fashion.train, test=fashion.test, test_labels=fashion.test_labels,
+                classifier=classifier, train_feats=features.extract_features(fashion.train),
+                test_feats=test_feats, test_probs=test_probs)
 
 
-def test_shipped_classifier(fashion):
-    c = fashion["classifier"]
+def test_shipped_classifier(scored):
+    c = scored["classifier"]
     assert c.meta["test_accuracy"] > 0.9 and "train_classifier.py" in c.meta["recipe"]
-    acc = metrics.classifier_accuracy(fashion["test"][:500], fashion["test_labels"][:500], c)
+    acc = metrics.classifier_accuracy(scored["test"][:500], scored["test_labels"][:500], c)
     assert acc > 0.88
-    assert fashion["test_feats"].shape == (2000, c.config["feature_dim"])
+    assert scored["test_feats"].shape == (2000, c.config["feature_dim"])
     # the test split is balanced: predicted classes are close to uniform, and the classifier is sure
-    stats = metrics.class_histogram_entropy(fashion["test"][:1000], c)
+    stats = metrics.class_histogram_entropy(scored["test"][:1000], c)
     assert stats["counts"].sum() == 1000 and stats["histogram"].sum() == pytest.approx(1.0)
     assert math.log(10) - 0.05 < stats["entropy"] <= math.log(10)
     assert stats["confidence"] > 0.85
     # one class only: entropy 0
-    one = fashion["test"][fashion["test_labels"] == 1][:50]
+    one = scored["test"][scored["test_labels"] == 1][:50]
     assert metrics.class_histogram_entropy(one, c)["entropy"] < 0.2
 
 
-def test_damaged_images_score_worse_than_held_out_images(fashion):
-    ref, test = fashion["train_feats"], fashion["test"][:500]
-    held_out = metrics.frechet_distance(ref, fashion["test_feats"][:500])
-    blurred = metrics.frechet_distance(ref, metrics.extract_features(F.avg_pool2d(test, 3, 1, 1)))
-    shifted = metrics.frechet_distance(ref, metrics.extract_features(test.roll(4, dims=3)))
-    noisy_images = (test + 0.3 * torch.randn_like(test)).clamp(-1, 1)    # images stay in [-1, 1]
-    noisy = metrics.frechet_distance(ref, metrics.extract_features(noisy_images))
+def test_damaged_images_score_worse_than_held_out_images(scored):
+    ref, test = scored["train_feats"], scored["test"][:500]
+    held_out = metrics.frechet_distance(ref, scored["test_feats"][:500])
+    blurred = metrics.frechet_distance(ref, features.extract_features(F.avg_pool2d(test, 3, 1, 1)))
+    shifted = metrics.frechet_distance(ref, features.extract_features(test.roll(4, dims=3)))
+    noise = torch.randn(test.shape, generator=torch.Generator().manual_seed(0))
+    noisy_images = (test + 0.3 * noise).clamp(-1, 1)    # images stay in [-1, 1]
+    noisy = metrics.frechet_distance(ref, features.extract_features(noisy_images))
     assert blurred > 2 * held_out and shifted > 2 * held_out and noisy > 2 * held_out
-    kid_held_out = metrics.kid(ref, fashion["test_feats"][:500], subsets=10, subset_size=500)
-    kid_blurred = metrics.kid(ref, metrics.extract_features(F.avg_pool2d(test, 3, 1, 1)), subsets=10, subset_size=500)
+    kid_held_out = metrics.kid(ref, scored["test_feats"][:500], subsets=10, subset_size=500)
+    kid_blurred = metrics.kid(ref, features.extract_features(F.avg_pool2d(test, 3, 1, 1)), subsets=10, subset_size=500)
     assert kid_blurred.mean > kid_held_out.mean + 3 * kid_blurred.std
 
 
-def test_real_images_approach_the_floor_as_n_grows(fashion):
+def test_real_images_approach_the_floor_as_n_grows(scored):
     """The Frechet distance is biased upwards at small N: real held-out images against the
     training features score lower with more images."""
-    ref, test = fashion["train_feats"], fashion["test_feats"]
+    ref, test = scored["train_feats"], scored["test_feats"]
     scores = [metrics.frechet_distance(ref, test[:n]) for n in (100, 500, 2000)]
     assert scores[0] > scores[1] > scores[2] > 0
 
 
-def test_evaluate(fashion):
-    test = fashion["test"]
-    real = metrics.evaluate(test[:300], real_features=fashion["train_feats"], kid_subsets=5, kid_subset_size=300)
+def test_evaluate(scored):
+    test = scored["test"]
+    real = metrics.evaluate(test[:300], real_features=scored["train_feats"], kid_subsets=5, kid_subset_size=300)
     assert set(real) >= {"fid", "kid", "kid_std", "precision", "recall", "entropy", "confidence", "n", "n_real"}
     assert real["n"] == 300 and real["n_real"] == 6000
     # the same features as evaluate computes them (a batch of 300: a float32 convolution's rounding
     # can depend on the batch size, and the Frechet distance, a difference of traces, magnifies it)
-    same_features = metrics.extract_features(test[:300])
-    same_fid = metrics.frechet_distance(fashion["train_feats"], same_features)
+    same_features = features.extract_features(test[:300])
+    same_fid = metrics.frechet_distance(scored["train_feats"], same_features)
     assert real["fid"] == pytest.approx(same_fid, rel=1e-9)
     assert real["precision"] > 0.6 and real["recall"] > 0.6 and real["entropy"] > 2.2
-    blurred = metrics.evaluate(F.avg_pool2d(test[:300], 3, 1, 1), real=fashion["train"][:3000],
+    blurred = metrics.evaluate(F.avg_pool2d(test[:300], 3, 1, 1), real=scored["train"][:3000],
                                kid_subsets=5, kid_subset_size=300)
     assert blurred["fid"] > real["fid"] and blurred["kid"] > real["kid"]
     assert blurred["precision"] < real["precision"]
@@ -287,14 +336,14 @@ def test_evaluate(fashion):
     assert no_classes["entropy"] is None
 
 
-def test_nearest_training_image_is_itself(fashion):
-    train = fashion["train"]
-    nn = metrics.nearest_neighbours(train[[0, 2500, 5999]], train, k=2, train_features=fashion["train_feats"],
+def test_nearest_training_image_is_itself(scored):
+    train = scored["train"]
+    nn = metrics.nearest_neighbours(train[[0, 2500, 5999]], train, k=2, train_features=scored["train_feats"],
                                      chunk_size=1000)
     assert nn["indices"][:, 0].tolist() == [0, 2500, 5999]
     assert torch.all(nn["distances"][:, 0] == 0) and torch.all(nn["distances"][:, 1] > 0)
     assert nn["feature_indices"][:, 0].tolist() == [0, 2500, 5999]
-    held_out = metrics.nearest_neighbours(fashion["test"][:20], train)
+    held_out = metrics.nearest_neighbours(scored["test"][:20], train)
     assert torch.all(held_out["distances"] > 0)
 
 
@@ -310,11 +359,11 @@ def test_float_images_outside_minus_one_one_are_refused(gen):
     as_floats = metrics.fid(pixels / 127.5 - 1, x, extractor=mean_and_std)
     assert as_uint8 == pytest.approx(as_floats, abs=1e-9) and as_uint8 < 1e-3
     # rounding-sized overshoot, as a sampler's last step leaves it, is clamped
-    assert metrics.as_float_images(x.clamp(-1, 1) * 1.0005).abs().max().item() == 1.0
+    assert features.as_float_images(x.clamp(-1, 1) * 1.0005).abs().max().item() == 1.0
     with pytest.raises(ValueError, match="NaN"):
-        metrics.as_float_images(torch.full((2, 1, 28, 28), float("nan")))
+        features.as_float_images(torch.full((2, 1, 28, 28), float("nan")))
     with pytest.raises(ValueError, match="grey 28x28"):
-        metrics.extract_features(torch.zeros(2, 3, 32, 32))
+        features.extract_features(torch.zeros(2, 3, 32, 32))
 
 
 def test_metric_arguments_are_checked(gen):
@@ -340,7 +389,7 @@ def test_metric_arguments_are_checked(gen):
     with pytest.raises(ValueError, match="chunk_size"):
         metrics.nearest_neighbours(images[:2], images, chunk_size=0)
     with pytest.raises(ValueError, match="batch_size"):
-        metrics.extract_features(images, batch_size=0)
+        features.extract_features(images, batch_size=0)
     with pytest.raises(ValueError, match="labels must be integers"):
         metrics.classifier_accuracy(images, torch.full((6,), 1.5))
     for histogram in ([0, 0, 0], [1, -1, 3]):
