@@ -22,27 +22,24 @@ from pathlib import Path
 
 import torch
 
-from ddpm_lib import autoencoder, metrics
+from ddpm_lib import autoencoder, features, metrics
 from ddpm_lib.pretrained import load_pretrained, load_weights
-from ddpm_lib.samplers import ddim_sample, ddpm_sample, dpm_solver_sample, guided_model
+from ddpm_lib.samplers import SAMPLERS, dpm_solver_sample, guided_model
+from ddpm_lib.samplers import sample as run_sampler
 
 
 def sample(model, schedule, n, sampler, nfe, device, batch, seed=0, clip_x0=True, **options):
     """n samples of the UNet ``model`` (shape from its config), in batches, and the seconds it
-    took. ``options`` go to DPM-Solver++ (``order``, ``spacing``)."""
+    took. ``sampler``: a key of ``SAMPLERS``, run with ``nfe`` network calls; ``options`` go to
+    :func:`ddpm_lib.samplers.sample` (``spacing``, and the sampler's own, e.g. ``order``)."""
     c = model.config
     out = []
     start = time.perf_counter()
     for i in range(0, n, batch):
         g = torch.Generator(device).manual_seed(seed + i)
         shape = (min(batch, n - i), c["in_channels"], c["image_size"], c["image_size"])
-        if sampler == "ddpm":
-            x = ddpm_sample(model, schedule, shape, generator=g, device=device, clip_x0=clip_x0)
-        elif sampler == "ddim":
-            x = ddim_sample(model, schedule, shape, steps=nfe, generator=g, device=device, clip_x0=clip_x0)
-        else:
-            x = dpm_solver_sample(model, schedule, shape, steps=nfe, generator=g, device=device, clip_x0=clip_x0,
-                                  **options)
+        x = run_sampler(model, schedule, shape, sampler=sampler, steps=nfe, generator=g, device=device,
+                        clip_x0=clip_x0, **options)
         out.append(x.float().cpu())
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -63,7 +60,7 @@ def main() -> None:
     args = p.parse_args()
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     parts = args.parts.split(",")
-    ref = metrics.reference_features("fashion_mnist", "train")
+    ref = features.reference_features("fashion_mnist", "train")
     result = dict(n=args.n, device=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
                   torch=torch.__version__, date=time.strftime("%Y-%m-%d"))
 
@@ -81,8 +78,10 @@ def main() -> None:
     if "samplers" in parts:
         model, schedule, _ = load_pretrained(device=device)
         rows = []
-        runs = [("ddpm", 1000)] if args.ddpm else []
-        runs += [(s, int(k)) for s in ("ddim", "dpm_solver") for k in args.nfe.split(",")]
+        runs = [("ddpm", schedule.T)] if args.ddpm else []
+        # every sampler whose number of steps can be chosen, at each NFE
+        runs += [(s, int(k)) for s in sorted(SAMPLERS) if SAMPLERS[s].steps is not None
+                 for k in args.nfe.split(",")]
         for sampler, nfe in runs:
             x, seconds = sample(model, schedule, args.n, sampler, nfe, device, args.batch)
             rows.append(dict(sampler=sampler, nfe=nfe, seconds=round(seconds, 2), **score(x)))

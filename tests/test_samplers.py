@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from ddpm_lib import NoiseSchedule
-from ddpm_lib.diffusion import gaussian_eps_predictor
-from ddpm_lib.samplers import ddim_sample, ddim_timesteps, ddpm_sample
+from ddpm_lib.analytic import gaussian_eps_predictor
+from ddpm_lib.samplers import Trajectory, ddim_sample, ddim_timesteps, ddpm_sample
 
 MU, SIGMA_DATA = 0.3, 0.5
 SHAPE = (2000, 1, 4, 4)  # 32,000 values
@@ -59,8 +59,9 @@ def test_ddim_step_matches_formula(linear):
     model = lambda x, t: eps_fixed  # noqa: E731
     x_T = torch.randn(3, 1, 2, 2, generator=g)
     timesteps = [999, 600]
-    x, traj = ddim_sample(model, linear, x_T.shape, timesteps=timesteps, eta=0.0, clip_x0=False, x_T=x_T,
-                          return_trajectory=True)
+    traj = Trajectory()
+    x = ddim_sample(model, linear, x_T.shape, timesteps=timesteps, eta=0.0, clip_x0=False, x_T=x_T,
+                    trajectory=traj)
     ab = linear.float64("alpha_bars")
     e, xt = eps_fixed.double(), x_T.double()
     x0 = (xt - (1 - ab[999]).sqrt() * e) / ab[999].sqrt()
@@ -75,8 +76,9 @@ def test_clipping_rederives_eps(linear):
     big = lambda x, t: -10 * torch.ones_like(x)  # noqa: E731  implies x0 far outside [-1, 1]
     x = ddpm_sample(big, linear, (2, 1, 2, 2), generator=torch.Generator().manual_seed(0))
     assert torch.allclose(x, torch.ones_like(x))                # x0 = +inf-ish, clipped to 1
-    y, traj = ddim_sample(big, linear, (2, 1, 2, 2), steps=10, generator=torch.Generator().manual_seed(0),
-                          return_trajectory=True)
+    traj = Trajectory()
+    y = ddim_sample(big, linear, (2, 1, 2, 2), steps=10, generator=torch.Generator().manual_seed(0),
+                    trajectory=traj)
     assert y.abs().max().item() <= 1.0 + 1e-5
     # eps re-derived from the clipped x0 keeps every x_t in range (measured max 2.17; with the
     # network's eps kept, the trajectory reaches about 10)
@@ -85,11 +87,13 @@ def test_clipping_rederives_eps(linear):
 
 def test_trajectory(linear):
     model = gaussian_eps_predictor(linear, MU, SIGMA_DATA)
-    x, traj = ddim_sample(model, linear, (2, 1, 3, 3), steps=10, return_trajectory=True)
+    traj = Trajectory()
+    x = ddim_sample(model, linear, (2, 1, 3, 3), steps=10, trajectory=traj)
     assert traj.t == ddim_timesteps(1000, 10) and traj.t[0] == 999 and traj.t[-1] == 0
     assert traj.x_t.shape == (10, 2, 1, 3, 3) and traj.x0_hat.shape == (10, 2, 1, 3, 3)
     assert torch.allclose(traj.x0_hat[-1], x)
-    x, traj = ddpm_sample(model, NoiseSchedule.linear(T=50), (2, 1, 3, 3), return_trajectory=True)
+    traj = Trajectory()
+    x = ddpm_sample(model, NoiseSchedule.linear(T=50), (2, 1, 3, 3), trajectory=traj)
     assert traj.t == list(range(49, -1, -1)) and traj.x_t.shape[0] == 50
 
 
@@ -167,8 +171,9 @@ def test_ddim_matches_float64_reference_over_several_steps(linear, eta):
         # the sampler draws its noise (for eta > 0) from this generator, in step order
         g = torch.Generator().manual_seed(1)
         noises = [torch.randn(x_T.shape, generator=g).double() for _ in timesteps[:-1]]
-        x, traj = ddim_sample(wavy_eps, linear, x_T.shape, timesteps=timesteps, eta=eta, clip_x0=False,
-                              x_T=x_T, return_trajectory=True, generator=torch.Generator().manual_seed(1))
+        traj = Trajectory()
+        x = ddim_sample(wavy_eps, linear, x_T.shape, timesteps=timesteps, eta=eta, clip_x0=False,
+                        x_T=x_T, trajectory=traj, generator=torch.Generator().manual_seed(1))
         xs, x_ref = ddim_reference(wavy_eps, linear.float64("alpha_bars"), timesteps, x_T, eta, noises)
         for got, want in zip(traj.x_t, xs):
             assert close(got, want)
@@ -205,8 +210,9 @@ def test_dpm_solver_2m_matches_float64_reference(kind):
     sched = getattr(NoiseSchedule, kind)()
     x_T = torch.randn(4, 1, 3, 3, generator=torch.Generator().manual_seed(0))
     for timesteps in ([999, 700, 400], [999, 700, 400, 0], logsnr_timesteps(sched, 12)):
-        x, traj = dpm_solver_sample(wavy_eps, sched, x_T.shape, timesteps=timesteps, clip_x0=False, x_T=x_T,
-                                    return_trajectory=True)
+        traj = Trajectory()
+        x = dpm_solver_sample(wavy_eps, sched, x_T.shape, timesteps=timesteps, clip_x0=False, x_T=x_T,
+                              trajectory=traj)
         xs, x_ref = dpm_solver_2m_reference(wavy_eps, sched.float64("alpha_bars"), timesteps, x_T)
         assert len(xs) == len(traj.x_t) == len(timesteps)
         for got, want in zip(traj.x_t, xs):   # xs[2] is the first second-order step
@@ -295,8 +301,9 @@ def test_dpm_solver_converges_at_second_order(linear):
 
 def test_dpm_solver_basics(linear):
     model = gaussian_eps_predictor(linear, MU, SIGMA_DATA)
-    x, traj = dpm_solver_sample(model, linear, (2, 1, 3, 3), steps=10, return_trajectory=True,
-                                generator=torch.Generator().manual_seed(0))
+    traj = Trajectory()
+    x = dpm_solver_sample(model, linear, (2, 1, 3, 3), steps=10, trajectory=traj,
+                          generator=torch.Generator().manual_seed(0))
     assert traj.t == logsnr_timesteps(linear, 10) and traj.x_t.shape == (10, 2, 1, 3, 3)
     assert torch.equal(traj.x0_hat[-1], x)            # the last step returns x0_hat at t = 0
     y = dpm_solver_sample(model, linear, (2, 1, 3, 3), steps=10, generator=torch.Generator().manual_seed(0))
@@ -371,12 +378,12 @@ def test_guided_model_works_with_every_sampler():
     sched = NoiseSchedule.linear(T=20, beta_start=1e-3, beta_end=0.2)
     shape = (2, 1, 8, 8)
     unconditional = lambda x, t: net(x, t, torch.full_like(t, 3))  # noqa: E731
-    for sample, kw in ((ddpm_sample, {}), (ddim_sample, {"steps": 5}), (dpm_solver_sample, {"steps": 5})):
-        out = sample(guided_model(net, torch.tensor([0, 1]), 2.0), sched, shape,
-                     generator=torch.Generator().manual_seed(0), **kw)
+    for sample_fn, kw in ((ddpm_sample, {}), (ddim_sample, {"steps": 5}), (dpm_solver_sample, {"steps": 5})):
+        out = sample_fn(guided_model(net, torch.tensor([0, 1]), 2.0), sched, shape,
+                        generator=torch.Generator().manual_seed(0), **kw)
         assert out.shape == shape and torch.isfinite(out).all()
-        a = sample(guided_model(net, 1, 0.0), sched, shape, generator=torch.Generator().manual_seed(1), **kw)
-        b = sample(unconditional, sched, shape, generator=torch.Generator().manual_seed(1), **kw)
+        a = sample_fn(guided_model(net, 1, 0.0), sched, shape, generator=torch.Generator().manual_seed(1), **kw)
+        b = sample_fn(unconditional, sched, shape, generator=torch.Generator().manual_seed(1), **kw)
         assert torch.equal(a, b)                        # w = 0 samples the unconditional model
 
 
@@ -395,15 +402,15 @@ def test_guided_model_arguments():
 
 def test_sampler_arguments_of_the_wrong_type(linear):
     model = gaussian_eps_predictor(linear, MU, SIGMA_DATA)
-    for sample in (ddpm_sample, ddim_sample, dpm_solver_sample):
+    for sample_fn in (ddpm_sample, ddim_sample, dpm_solver_sample):
         with pytest.raises(ValueError, match=r"shape \(B, C, H, W\)\[0\] must be an integer >= 1"):
-            sample(model, linear, (8.5, 1, 28, 28))
+            sample_fn(model, linear, (8.5, 1, 28, 28))
         with pytest.raises(ValueError, match="schedule must be a NoiseSchedule"):
-            sample(model, (1, 1, 2, 2), linear)
+            sample_fn(model, (1, 1, 2, 2), linear)
         with pytest.raises(ValueError, match="model must return a tensor"):
-            sample(lambda x, t: (x,), linear, (1, 1, 2, 2))
+            sample_fn(lambda x, t: (x,), linear, (1, 1, 2, 2))
         with pytest.raises(ValueError, match="x_T must be a floating-point tensor"):
-            sample(model, linear, (1, 1, 2, 2), x_T=torch.zeros(1, 1, 2, 2, dtype=torch.long))
+            sample_fn(model, linear, (1, 1, 2, 2), x_T=torch.zeros(1, 1, 2, 2, dtype=torch.long))
     with pytest.raises(ValueError, match=r"timesteps\[0\] must be an integer"):
         ddim_sample(model, linear, (1, 1, 2, 2), timesteps=[999.5, 10])
     with pytest.raises(ValueError, match="eta must be a finite real number"):
@@ -414,6 +421,122 @@ def test_sampler_arguments_of_the_wrong_type(linear):
         guided_model(LabelledModel(), 1, 2.0, null_class=3.5)
     # any integer type is an integer: NumPy's, a tensor's
     a = ddim_sample(model, linear, (2, 1, 2, 2), steps=5, x_T=torch.ones(2, 1, 2, 2))
-    b = ddim_sample(model, linear, torch.Size([2, 1, 2, 2]), steps=torch.tensor(5),
-                    x_T=torch.ones(2, 1, 2, 2), timesteps=torch.tensor(ddim_timesteps(1000, 5)))
-    assert torch.equal(a, b)
+    b = ddim_sample(model, linear, torch.Size([2, 1, 2, 2]), steps=torch.tensor(5), x_T=torch.ones(2, 1, 2, 2))
+    c = ddim_sample(model, linear, (2, 1, 2, 2), x_T=torch.ones(2, 1, 2, 2),
+                    timesteps=torch.tensor(ddim_timesteps(1000, 5)))
+    assert torch.equal(a, b) and torch.equal(a, c)
+
+
+# ----------------------------------------------------------------------------------------
+# The driver and the registry
+# ----------------------------------------------------------------------------------------
+from ddpm_lib.samplers import (SAMPLERS, Sampler, StepOutput, resolve_timesteps,  # noqa: E402
+                               sample)
+
+
+def test_the_registry_drives_every_sampler():
+    """Every entry of SAMPLERS runs through sample(); the named functions are sample() too."""
+    sched = NoiseSchedule.linear(T=50, beta_start=1e-3, beta_end=0.2)
+    model = gaussian_eps_predictor(sched, MU, SIGMA_DATA)
+    x_T = torch.randn(3, 1, 4, 4, generator=torch.Generator().manual_seed(0))
+    named = {"ddpm": ddpm_sample, "ddim": ddim_sample, "dpm_solver": dpm_solver_sample}
+    assert set(named) <= set(SAMPLERS)
+    for name, entry in SAMPLERS.items():
+        traj = Trajectory()
+        x = sample(model, sched, x_T.shape, sampler=name, x_T=x_T, trajectory=traj,
+                   generator=torch.Generator().manual_seed(1))
+        assert x.shape == x_T.shape and x.dtype == torch.float32 and torch.isfinite(x).all()
+        steps = sched.T if entry.steps is None else min(entry.steps, sched.T)
+        assert traj.t == resolve_timesteps(sched, steps, entry.spacing) and traj.x_t.shape[0] == len(traj.t)
+        if name in named:
+            y = named[name](model, sched, x_T.shape, x_T=x_T, generator=torch.Generator().manual_seed(1))
+            assert torch.equal(x, y)
+
+
+def euler_step(schedule, x_t, t, t_prev, eps, x0_hat, *, state, generator=None, scale=1.0):
+    """Chapter 8's Euler step of d(x / sqrt(alpha_bar)) / d rho = eps, rho = sqrt((1 - ab) / ab):
+    the same update as DDIM with eta = 0, written another way (``scale`` is a toy option)."""
+    ab = schedule.float64("alpha_bars")
+    ab_t, ab_prev = ab[t].item(), (ab[t_prev].item() if t_prev >= 0 else 1.0)
+    rho, rho_prev = math.sqrt((1 - ab_t) / ab_t), math.sqrt((1 - ab_prev) / ab_prev)
+    x = math.sqrt(ab_prev) * (x_t / math.sqrt(ab_t) + scale * (rho_prev - rho) * eps)
+    return StepOutput(x, x0_hat)
+
+
+def test_a_new_sampler_is_one_step_function_and_one_registry_line(monkeypatch, linear):
+    monkeypatch.setitem(SAMPLERS, "euler", Sampler(euler_step, "Euler", steps=10, options={"scale": 1.0}))
+    x_T = torch.randn(4, 1, 3, 3, generator=torch.Generator().manual_seed(0))
+    traj = Trajectory()
+    x = sample(wavy_eps, linear, x_T.shape, sampler="euler", x_T=x_T, clip_x0=False, trajectory=traj)
+    assert traj.t == ddim_timesteps(1000, 10)
+    y = ddim_sample(wavy_eps, linear, x_T.shape, steps=10, x_T=x_T, clip_x0=False)
+    assert torch.allclose(x, y, rtol=1e-4, atol=1e-4)
+    z = sample(wavy_eps, linear, x_T.shape, sampler="euler", x_T=x_T, clip_x0=False, scale=0.5,
+               timesteps=logsnr_timesteps(linear, 5))
+    assert torch.isfinite(z).all() and not torch.allclose(z, y)
+    with pytest.raises(ValueError, match="the euler sampler has no option eta; it takes scale"):
+        sample(wavy_eps, linear, x_T.shape, sampler="euler", eta=0.5)
+
+
+def test_sampler_names_and_options_are_checked(linear):
+    model = gaussian_eps_predictor(linear, MU, SIGMA_DATA)
+    with pytest.raises(ValueError, match="sampler must be one of ddim, ddpm, dpm_solver"):
+        sample(model, linear, (1, 1, 2, 2), sampler="heun")
+    with pytest.raises(ValueError, match="ddpm sampler has no option eta; it takes sigma"):
+        sample(model, linear, (1, 1, 2, 2), sampler="ddpm", eta=1.0)
+    with pytest.raises(ValueError, match="no option return_trajectory"):
+        ddim_sample(model, linear, (1, 1, 2, 2), return_trajectory=True)
+    with pytest.raises(ValueError, match="prediction must be"):
+        sample(model, linear, (1, 1, 2, 2), sampler="ddim", prediction="score")
+    traj = Trajectory()
+    ddim_sample(model, linear, (1, 1, 2, 2), steps=2, trajectory=traj)
+    with pytest.raises(ValueError, match="new Trajectory"):
+        ddim_sample(model, linear, (1, 1, 2, 2), steps=2, trajectory=traj)   # one per run
+
+
+def test_resolve_timesteps(linear):
+    short = NoiseSchedule.linear(T=10)
+    assert resolve_timesteps(short) == list(range(9, -1, -1))                      # default: all T
+    assert resolve_timesteps(short, spacing="logsnr") == list(range(9, -1, -1))
+    assert resolve_timesteps(linear, 7) == ddim_timesteps(1000, 7)
+    assert resolve_timesteps(linear, 7, "logsnr") == logsnr_timesteps(linear, 7)
+    assert resolve_timesteps(linear, timesteps=torch.tensor([900, 3])) == [900, 3]
+    for kwargs, message in [(dict(steps=0), "steps must be an integer >= 1"),
+                            (dict(steps=11), r"steps must be an integer in 1\.\.10"),
+                            (dict(steps=2.0), "steps must be an integer"),
+                            (dict(spacing="karras"), "spacing must be one of 'time', 'logsnr'"),
+                            (dict(steps=3, timesteps=[9, 0]), "not both"),
+                            (dict(timesteps=[]), "strictly decreasing"),
+                            (dict(timesteps=[5, 5, 0]), "strictly decreasing"),
+                            (dict(timesteps=[10, 0]), r"within 0\.\.9"),
+                            (dict(timesteps=[3, -1]), r"within 0\.\.9")]:
+        with pytest.raises(ValueError, match=message):
+            resolve_timesteps(short, **kwargs)
+
+
+@pytest.mark.parametrize("name", ["ddpm", "ddim", "dpm_solver"])
+def test_x0_and_v_predictions_give_the_samples_of_eps(linear, name):
+    """A model that returns the exact x0 or v of the Gaussian toy samples what its eps does."""
+    eps_model = gaussian_eps_predictor(linear, MU, SIGMA_DATA)
+    models = {"eps": eps_model,
+              "x0": lambda x, t: linear.predict_x0(x, t, eps_model(x, t)),
+              "v": lambda x, t: linear.velocity(linear.predict_x0(x, t, eps_model(x, t)), t, eps_model(x, t))}
+    x_T = torch.randn(16, 1, 4, 4, generator=torch.Generator().manual_seed(0))
+    out = {}
+    for prediction, model in models.items():
+        for clip_x0 in (False, True):
+            out[prediction, clip_x0] = sample(model, linear, x_T.shape, sampler=name, prediction=prediction,
+                                              clip_x0=clip_x0, x_T=x_T, generator=torch.Generator().manual_seed(1))
+    for (prediction, clip_x0), x in out.items():
+        assert (x - out["eps", clip_x0]).abs().max().item() < 1e-5, (prediction, clip_x0)   # measured 5e-7
+    assert not torch.allclose(out["eps", False], out["eps", True])   # some x0_hat leave [-1, 1]
+
+
+def test_ddpm_on_a_respaced_grid_is_ddim_with_eta_1(linear):
+    """On any grid, DDPM with sigma^2 = beta_tilde of the merged step is DDIM with eta = 1."""
+    x_T = torch.randn(4, 1, 3, 3, generator=torch.Generator().manual_seed(0))
+    a = sample(wavy_eps, linear, x_T.shape, sampler="ddpm", sigma="beta_tilde", steps=25, x_T=x_T,
+               generator=torch.Generator().manual_seed(1))
+    b = ddim_sample(wavy_eps, linear, x_T.shape, steps=25, eta=1.0, x_T=x_T,
+                    generator=torch.Generator().manual_seed(1))
+    assert torch.allclose(a, b, atol=1e-4)
