@@ -23,17 +23,19 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import data
+from . import data, features
 from .io import FILE_KINDS, CheckpointBusy, file_kind
 from .pretrained import load_weights, save_weights
-from .samplers import ddim_sample, ddpm_sample
+from .samplers import SAMPLERS, sample
 from .schedules import NoiseSchedule
-from .train import TrainConfig, distributed_info, init_distributed, load_checkpoint, train
+from .accel import PRECISIONS, distributed_info, init_distributed
+from .io import load_checkpoint
+from .train import TrainConfig, train
 from .unet import UNet, count_parameters
+from .viz import save_grid
 
 # what --out may end with: formats that viz.save_grid (matplotlib, through PIL) writes
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tiff", ".webp", ".pdf", ".svg")
-DDIM_STEPS, DDIM_ETA = 50, 0.0
 DEVICE_HELP = "cpu, cuda, cuda:N or mps (default: cuda if there is one)"
 
 
@@ -108,7 +110,8 @@ def _switch(text: str):
 def cmd_train(args) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
-    images, labels = data.load(args.data, "train", limit=args.limit)
+    info = data.dataset_info(args.data)
+    images, labels = data.load(info.name, "train", limit=args.limit)
     if "WORLD_SIZE" in os.environ and int(os.environ["WORLD_SIZE"]) > 1:   # started by torchrun
         device = init_distributed()
     else:
@@ -117,15 +120,16 @@ def cmd_train(args) -> None:
     torch.manual_seed(args.seed)
     model = UNet(in_channels=images.shape[1], base_channels=args.base_channels,
                  channel_mults=_ints(args.channel_mults), num_res_blocks=args.num_res_blocks,
-                 attention_resolutions=_ints(args.attention_resolutions), dropout=args.dropout,
-                 num_classes=10 if args.conditional else None, image_size=images.shape[-1])
+                 attention_resolutions=(info.attention_resolutions if args.attention_resolutions is None
+                                        else _ints(args.attention_resolutions)), dropout=args.dropout,
+                 num_classes=info.num_classes if args.conditional else None, image_size=images.shape[-1])
     main_process = distributed_info()[0] == 0
     if main_process:
         print(f"{args.data}: {len(images)} images | UNet {count_parameters(model):,} parameters | {device}")
     config = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, warmup_steps=args.warmup_steps,
                          ema_decay=args.ema_decay, grad_clip=args.grad_clip, seed=args.seed,
                          checkpoint_every=args.checkpoint_every, log_every=args.log_every,
-                         hflip=args.hflip, bf16=_switch(args.bf16), fp16=_switch(args.fp16),
+                         hflip=args.hflip, precision=args.precision,
                          channels_last=_switch(args.channels_last),
                          compile={"auto": None, "off": False}.get(args.compile, args.compile))
     start = time.time()
@@ -203,20 +207,15 @@ def cmd_sample(args) -> None:
     c, s = model.config["in_channels"], model.config["image_size"]
     g = torch.Generator(device).manual_seed(args.seed)
     shape = (args.n, c, s, s)
+    options = {} if args.eta is None else {"eta": args.eta}     # main() checked the sampler takes it
     with torch.no_grad():
-        if args.sampler == "ddpm":
-            x = ddpm_sample(model, schedule, shape, generator=g, progress=True)
-        else:
-            steps = DDIM_STEPS if args.steps is None else args.steps
-            eta = DDIM_ETA if args.eta is None else args.eta
-            x = ddim_sample(model, schedule, shape, steps=steps, eta=eta, generator=g,
-                            progress=True)
-    from .viz import save_grid
+        x = sample(model, schedule, shape, sampler=args.sampler, steps=args.steps, generator=g,
+                   progress=True, **options)
     if args.out:
         save_grid(x, args.out, nrow=int(np.ceil(np.sqrt(args.n))))
         print(f"wrote {args.out}")
     if args.npy:
-        u8 = data.to_uint8(x)
+        u8 = features.to_uint8(x)
         u8 = u8[:, 0] if c == 1 else u8.transpose(0, 2, 3, 1)
         np.save(args.npy, u8)
         print(f"wrote {args.npy} {u8.shape} {u8.dtype}")
@@ -242,7 +241,9 @@ def main(argv=None) -> None:
     t.add_argument("--base-channels", type=int, default=64)
     t.add_argument("--channel-mults", default="1,2,2")
     t.add_argument("--num-res-blocks", type=int, default=2)
-    t.add_argument("--attention-resolutions", default="7")
+    t.add_argument("--attention-resolutions", default=None,
+                   help="comma-separated resolutions with self-attention, '' for none "
+                        "(default: the dataset's, 7 for 28x28 images, 16 for CIFAR-10)")
     t.add_argument("--dropout", type=float, default=0.1)
     t.add_argument("--conditional", action="store_true", help="class-conditional (labels, null class)")
     t.add_argument("--seed", type=int, default=0)
@@ -253,10 +254,10 @@ def main(argv=None) -> None:
                    help="torch CPU threads (0: torch's default)")
     t.add_argument("--no-progress", action="store_true")
     t.add_argument("--hflip", action="store_true", help="random horizontal flips (CIFAR-10; not for digits)")
-    t.add_argument("--bf16", choices=["auto", "on", "off"], default="auto",
-                   help="bf16 autocast (auto: on GPUs of compute capability 8 and newer)")
-    t.add_argument("--fp16", choices=["auto", "on", "off"], default="auto",
-                   help="fp16 autocast with loss scaling (auto: on older GPUs such as the T4, when --bf16 is auto)")
+    t.add_argument("--precision", choices=PRECISIONS, default="auto",
+                   help="arithmetic of the training step (auto: bf16 on GPUs of compute "
+                        "capability 8 and newer, fp16 with loss scaling on older ones such as "
+                        "the T4, fp32 on a CPU)")
     t.add_argument("--channels-last", choices=["auto", "on", "off"], default="auto")
     t.add_argument("--compile", choices=["auto", "off", "default", "reduce-overhead", "max-autotune",
                                          "max-autotune-no-cudagraphs"], default="auto",
@@ -273,10 +274,14 @@ def main(argv=None) -> None:
     s = sub.add_parser("sample", help="sample images: a PNG grid and/or a .npy of uint8")
     s.add_argument("--weights", required=True)
     s.add_argument("--n", type=_int_at_least(1), default=64)
-    s.add_argument("--sampler", choices=["ddpm", "ddim"], default="ddpm")
+    s.add_argument("--sampler", choices=sorted(SAMPLERS), default="ddpm")
     s.add_argument("--steps", type=_int_at_least(1), default=None,
-                   help=f"DDIM steps (default {DDIM_STEPS})")
-    s.add_argument("--eta", type=float, default=None, help=f"DDIM eta (default {DDIM_ETA})")
+                   help="network calls (default: " + ", ".join(
+                       f"{name} {entry.steps or 'all T'}" for name, entry in sorted(SAMPLERS.items())) + ")")
+    s.add_argument("--eta", type=float, default=None,
+                   help="noise of the samplers that take it (" + ", ".join(
+                       f"{name} default {entry.options['eta']}" for name, entry in sorted(SAMPLERS.items())
+                       if "eta" in entry.options) + ")")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--out", type=_image_path, default="samples.png",
                    help=f"image grid ({', '.join(IMAGE_SUFFIXES)}; '' for none)")
@@ -285,12 +290,15 @@ def main(argv=None) -> None:
     s.set_defaults(func=cmd_sample)
 
     args = p.parse_args(argv)
-    if args.command == "sample" and args.sampler == "ddpm":
+    if args.command == "sample":       # a flag the sampler does not take is a usage error
+        takes = {"--steps": lambda e: e.steps is not None, "--eta": lambda e: "eta" in e.options}
         given = [flag for flag, value in (("--steps", args.steps), ("--eta", args.eta))
-                 if value is not None]
+                 if value is not None and not takes[flag](SAMPLERS[args.sampler])]
         if given:
-            s.error(f"{' and '.join(given)} set DDIM; the ddpm sampler always takes all T steps "
-                    "with its own variance: add --sampler ddim, or leave them out")
+            others = sorted(n for n, e in SAMPLERS.items() if all(takes[f](e) for f in given))
+            why = " (it always takes all T steps)" if "--steps" in given else ""
+            s.error(f"the {args.sampler} sampler takes no {' or '.join(given)}{why}: add --sampler "
+                    f"{' or '.join(others)}, or leave {'it' if len(given) == 1 else 'them'} out")
     try:
         args.func(args)
     except (ValueError, FileNotFoundError) as err:      # bad input: what was wrong, what to do

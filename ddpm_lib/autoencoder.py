@@ -40,8 +40,7 @@ image_size=7)``. That is enough: at 7x7 the self-attention already sees the whol
 ``scale_factor``: the diffusion schedule assumes data of roughly unit scale (the noise is
 N(0, I)). The latents' scale is whatever training gave, so, as Rombach et al. do, they are
 multiplied by ``scale_factor = 1 / std(latent means over the training set)``, stored in the
-VAE and in its saved file; :meth:`VAE.decode_latents` divides it out again.
-"""
+VAE and in its saved file; :meth:`VAE.decode_latents` divides it out again."""
 from __future__ import annotations
 
 import math
@@ -52,7 +51,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .io import load_verified, save_checkpoint
+from .io import load_verified, save_checkpoint, sha256
+from .runs import (Generators, hold_checkpoint, optimizer_step, read_resumable, resume_differences,
+                   unusable_weights)
 from .unet import UNet, _groups
 
 Tensor = torch.Tensor
@@ -61,9 +62,9 @@ FORMAT = "ddpm_lib.autoencoder.VAE/1"
 
 
 class AEBlock(nn.Module):
-    """A residual block without time conditioning:
+    """A residual block without time conditioning, (B, C_in, H, W) -> (B, C_out, H, W):
     ``x + conv(SiLU(GroupNorm(conv(SiLU(GroupNorm(x))))))`` (a 1x1 conv on the skip when the
-    channel count changes). (B, C_in, H, W) -> (B, C_out, H, W)."""
+    channel count changes). Taught in chapter 10, "The shipped autoencoder"."""
 
     def __init__(self, in_channels: int, out_channels: int):
         super().__init__()
@@ -80,7 +81,8 @@ class AEBlock(nn.Module):
 
 class Encoder(nn.Module):
     """(B, C, H, W) -> (B, 2 * latent_channels, H / f, W / f), f = 2 ** (len(channels) - 1):
-    the means and log-variances of q(z | x), stacked along the channels."""
+    the means and log-variances of q(z | x), stacked along the channels.
+    Taught in chapter 10, "The shipped autoencoder"."""
 
     def __init__(self, in_channels: int, latent_channels: int, channels, num_res_blocks: int):
         super().__init__()
@@ -101,7 +103,8 @@ class Encoder(nn.Module):
 
 class Decoder(nn.Module):
     """(B, latent_channels, h, w) -> (B, C, h * f, w * f), the encoder mirrored
-    (nearest-neighbour upsampling followed by a convolution instead of strided convolutions)."""
+    (nearest-neighbour upsampling followed by a convolution instead of strided convolutions).
+    Taught in chapter 10, "The shipped autoencoder"."""
 
     def __init__(self, in_channels: int, latent_channels: int, channels, num_res_blocks: int):
         super().__init__()
@@ -132,10 +135,9 @@ class VAE(nn.Module):
         num_res_blocks: residual blocks per level, in the encoder and in the decoder.
         image_size: H (= W) of the images.
 
-    ``scale_factor`` (a float, None until fitted) maps posterior means to latents of about
-    unit standard deviation; :func:`train_autoencoder` fits it at the end of training, or
-    call :meth:`fit_scale_factor`.
-    """
+    ``scale_factor`` (a float, None until fitted) maps posterior means to latents of about unit
+    standard deviation; :func:`train_autoencoder` fits it at the end of training, or call
+    :meth:`fit_scale_factor`. Taught in chapter 10, "The shipped autoencoder"."""
 
     def __init__(self, in_channels: int = 1, latent_channels: int = 4, channels=(32, 64, 128),
                  num_res_blocks: int = 1, image_size: int = 28):
@@ -220,15 +222,13 @@ class VAE(nn.Module):
         return x.clamp(-1.0, 1.0) if clamp else x
 
 
-# ----------------------------------------------------------------------------------------
-# The loss and training
-# ----------------------------------------------------------------------------------------
+# -- The loss and training ---------------------------------------------------------------
 def kl_divergence(mean: Tensor, logvar: Tensor) -> Tensor:
     """KL( N(mean, exp(logvar)) || N(0, 1) ) per latent number (Kingma & Welling 2014, App. B)::
 
         KL = 0.5 * (mean^2 + exp(logvar) - 1 - logvar)
 
-    Same shape as ``mean``."""
+    Same shape as ``mean``. Taught in chapter 10, "The KL term in closed form"."""
     return 0.5 * (mean.pow(2) + logvar.exp() - 1.0 - logvar)
 
 
@@ -236,7 +236,8 @@ def vae_loss(vae: VAE, x: Tensor, kl_weight: float = 1e-4, reconstruction: str =
              generator: torch.Generator | None = None) -> dict:
     """The training loss on a batch x (B, C, H, W): ``{"loss", "rec", "kl"}`` (scalars), with
     ``rec`` the mean per-pixel |x - x_hat| (``"l1"``) or (x - x_hat)^2 (``"l2"``), ``kl`` the
-    mean :func:`kl_divergence` per latent number and ``loss = rec + kl_weight * kl``."""
+    mean :func:`kl_divergence` per latent number and ``loss = rec + kl_weight * kl``.
+    Taught in chapter 10, "Why a VAE, and why a small KL weight"."""
     x_hat, mean, logvar = vae(x, sample=True, generator=generator)
     if reconstruction == "l1":
         rec = (x_hat - x).abs().mean()
@@ -248,49 +249,78 @@ def vae_loss(vae: VAE, x: Tensor, kl_weight: float = 1e-4, reconstruction: str =
     return {"loss": rec + kl_weight * kl, "rec": rec, "kl": kl}
 
 
+# What a resumed VAE run must share with its checkpoint (besides the network and the number of
+# images): the settings that decide which batches and noise are drawn and what is optimised
+VAE_RESUME_MUST_MATCH = ("seed", "batch_size", "kl_weight", "reconstruction", "weight_decay")
+
+
 def train_autoencoder(vae: VAE, images: Tensor, steps: int = 2000, batch_size: int = 64, lr: float = 1e-3,
                       kl_weight: float = 1e-4, *, reconstruction: str = "l1", weight_decay: float = 0.0,
                       grad_clip: float | None = 1.0, device=None, progress: bool = True, seed: int = 0,
-                      log_every: int = 10, fit_scale: bool = True) -> dict:
+                      log_every: int = 10, fit_scale: bool = True, checkpoint=None,
+                      checkpoint_every: int = 0) -> dict:
     """Train ``vae`` on ``images`` (N, C, H, W) in [-1, 1] with :func:`vae_loss` and AdamW.
+    Taught in chapter 10, "Training a VAE, then diffusion on its latents (the API)".
 
     Deterministic given the VAE's initial weights and ``seed`` (which draws the batches and
     the latent noise). At the end (``fit_scale``) it sets ``vae.scale_factor`` from the
-    training images (at most 10,000 of them) and puts the VAE in eval mode.
+    training images (at most 10,000 of them) and puts the VAE in eval mode. With
+    ``checkpoint``, the run is saved there every ``checkpoint_every`` steps and at the end, and
+    resumed from it when it exists, with :func:`ddpm_lib.train.train`'s guarantees (the pieces
+    of :mod:`ddpm_lib.runs`): a lock, the same settings (:data:`VAE_RESUME_MUST_MATCH`), no
+    checkpoint with unusable weights, and the same weights as a run never interrupted.
 
     Returns the history: ``{"step": [...], "loss": [...], "rec": [...], "kl": [...]}``
-    (averages over each ``log_every`` steps), and ``"scale_factor"``.
-    """
+    (averages over each ``log_every`` steps), and ``"scale_factor"``."""
     if not isinstance(images, torch.Tensor) or images.ndim != 4 or images.shape[0] == 0:
         raise ValueError("images must be a non-empty tensor of shape (N, C, H, W)")
     if not (isinstance(steps, int) and steps >= 1 and isinstance(batch_size, int) and batch_size >= 1):
         raise ValueError(f"steps and batch_size must be positive integers, got {steps!r}, {batch_size!r}")
     vae._check_images(images[:1])
+    settings = dict(seed=seed, batch_size=batch_size, kl_weight=kl_weight, reconstruction=reconstruction,
+                    weight_decay=weight_decay, lr=lr, steps=steps, grad_clip=grad_clip)
     device = torch.device(device) if device is not None else next(vae.parameters()).device
     vae.to(device).train()
-    gen_cpu = torch.Generator().manual_seed(seed)                                   # which images
-    gen_device = torch.Generator(device).manual_seed(seed + 1) if device.type != "cpu" else gen_cpu
+    gens = Generators.seeded(seed, device)         # cpu: which images; noise: the latent noise
     optimizer = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=weight_decay)
     history = {"step": [], "loss": [], "rec": [], "kl": []}
-    running = {"loss": [], "rec": [], "kl": []}
-    for step in tqdm(range(1, steps + 1), desc="VAE", disable=not progress):
-        idx = torch.randint(images.shape[0], (batch_size,), generator=gen_cpu)
-        x = images[idx].to(device)
-        terms = vae_loss(vae, x, kl_weight, reconstruction, generator=gen_device)
-        if not torch.isfinite(terms["loss"]):
-            raise FloatingPointError(f"the VAE loss became {terms['loss'].item()} at step {step}; lower lr")
-        optimizer.zero_grad(set_to_none=True)
-        terms["loss"].backward()
-        if grad_clip is not None:
-            torch.nn.utils.clip_grad_norm_(vae.parameters(), grad_clip)
-        optimizer.step()
-        for k in running:
-            running[k].append(terms[k].item())
-        if step % log_every == 0 or step == steps:
-            history["step"].append(step)
+    running, step = {"loss": [], "rec": [], "kl": []}, 0
+    probe = images[:4].to(device)
+
+    def probe_loss(net):       # a fixed batch and fixed noise: the training's streams untouched
+        return vae_loss(net, probe, kl_weight, reconstruction, torch.Generator(device).manual_seed(0))["loss"]
+
+    def save():
+        problem = unusable_weights({"the VAE": vae}, optimizer, probe_loss, device)
+        if problem:
+            raise FloatingPointError(f"after step {step} {problem}: {checkpoint} was not overwritten; lower lr")
+        save_checkpoint({"model": vae.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
+                         "history": history, "running": running, "rng": gens.state_dict(), "config": settings,
+                         "model_config": dict(vae.config), "num_images": images.shape[0]}, checkpoint)
+
+    with hold_checkpoint(checkpoint, device):
+        if checkpoint is not None and Path(checkpoint).exists():
+            state = read_resumable(checkpoint, lambda state: resume_differences(
+                state, vae, settings, VAE_RESUME_MUST_MATCH, images.shape[0]), "vae_checkpoint")
+            vae.load_state_dict(state["model"])
+            optimizer.load_state_dict(state["optimizer"])
+            history, running, step = state["history"], state["running"], state["step"]
+            gens.load_state_dict(state["rng"])
+        for step in tqdm(range(step + 1, steps + 1), desc="VAE", disable=not progress):
+            idx = torch.randint(images.shape[0], (batch_size,), generator=gens.cpu)
+            terms = vae_loss(vae, images[idx].to(device), kl_weight, reconstruction, generator=gens.noise)
+            if not torch.isfinite(terms["loss"]):
+                raise FloatingPointError(f"the VAE loss became {terms['loss'].item()} at step {step}; lower lr")
+            optimizer_step(terms["loss"], optimizer, None, vae.parameters(), grad_clip)
             for k in running:
-                history[k].append(sum(running[k]) / len(running[k]))
-                running[k] = []
+                running[k].append(terms[k].item())
+            if step % log_every == 0 or step == steps:
+                history["step"].append(step)
+                for k in running:
+                    history[k].append(sum(running[k]) / len(running[k]))
+                    running[k] = []
+            if checkpoint is not None and (step == steps or checkpoint_every and step % checkpoint_every == 0):
+                save()
     vae.eval()
     if fit_scale:
         vae.fit_scale_factor(images[:10_000])
@@ -302,7 +332,8 @@ def train_autoencoder(vae: VAE, images: Tensor, steps: int = 2000, batch_size: i
 def reconstruction_error(vae: VAE, images: Tensor, batch_size: int = 256) -> dict:
     """Reconstruct ``images`` through the posterior means (no sampling) and return
     ``{"mse": ..., "psnr": ...}``: the mean squared error per pixel on the [-1, 1] scale, and
-    the PSNR in dB with the images mapped to [0, 1] (peak 1): ``10 log10(4 / mse)``."""
+    the PSNR in dB with the images mapped to [0, 1] (peak 1): ``10 log10(4 / mse)``.
+    Taught in chapter 10, "Reconstructions"."""
     vae.eval()
     device = next(vae.parameters()).device
     total, count = 0.0, 0
@@ -319,7 +350,8 @@ def reconstruction_error(vae: VAE, images: Tensor, batch_size: int = 256) -> dic
 def encode_dataset(vae: VAE, images: Tensor, batch_size: int = 256, scaled: bool = True) -> Tensor:
     """Latents of a whole dataset for diffusion training: the posterior means (no sampling)
     times ``vae.scale_factor`` (unless ``scaled=False``). (N, C, H, W) -> (N, C_lat, h, w),
-    float32 on the CPU, in batches of ``batch_size`` on the VAE's device."""
+    float32 on the CPU, in batches of ``batch_size`` on the VAE's device.
+    Taught in chapter 10, "Training a VAE, then diffusion on its latents (the API)"."""
     vae.eval()
     device = next(vae.parameters()).device
     scale = vae._scale() if scaled else 1.0
@@ -338,7 +370,7 @@ def latent_unet(latent_shape=(4, 7, 7), *, base_channels: int = 128, channel_mul
     which no longer matches the 7x7 skip connection. For an even h it defaults to (1, 2).
     Self-attention runs at the full latent resolution h (49 positions for 7x7: cheap).
     ``num_classes`` makes it class-conditional (for classifier-free guidance).
-    """
+    Taught in chapter 10, "Training a VAE, then diffusion on its latents (the API)"."""
     c, h, w = (int(s) for s in latent_shape)
     if h != w:
         raise ValueError(f"the UNet takes square inputs, got latents of shape {tuple(latent_shape)}")
@@ -349,13 +381,11 @@ def latent_unet(latent_shape=(4, 7, 7), *, base_channels: int = 128, channel_mul
                 num_classes=num_classes, image_size=h, num_heads=num_heads)
 
 
-# ----------------------------------------------------------------------------------------
-# Saving and loading
-# ----------------------------------------------------------------------------------------
+# -- Saving and loading ------------------------------------------------------------------
 def save_vae(vae: VAE, path) -> str:
     """Write ``{"format", "config", "state_dict", "scale_factor"}`` (tensors and plain
-    Python values only, loadable with ``weights_only=True``) to ``path``; return its sha256."""
-    from .pretrained import sha256
+    Python values only, loadable with ``weights_only=True``) to ``path``; return its sha256.
+    Used by scripts/train_part3.py to write the VAE of chapter 10, "The shipped autoencoder"."""
     state = {k: v.detach().cpu() for k, v in vae.state_dict().items()}
     save_checkpoint({"format": FORMAT, "config": dict(vae.config), "state_dict": state,
                      "scale_factor": vae.scale_factor}, path)      # atomically: never half a file
@@ -366,7 +396,8 @@ def load_vae(path, device="cpu", sha256: str | None = None) -> VAE:
     """Load a VAE written by :func:`save_vae` (in eval mode, ``scale_factor`` restored),
     with ``torch.load(..., weights_only=True)``. With ``sha256``, the file's digest is
     checked first and a mismatch raises ``ValueError``; so does an unreadable (empty,
-    truncated, foreign) file, naming it. A missing one raises ``FileNotFoundError``."""
+    truncated, foreign) file, naming it. A missing one raises ``FileNotFoundError``.
+    Used in chapter 10, "The shipped autoencoder" (through ``load_pretrained_vae``)."""
     path = Path(path)
     blob = load_verified(path, sha256, map_location=device, what="VAE file",
                          remedy="save it again with save_vae (or reinstall ddpm_lib for the "

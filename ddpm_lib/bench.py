@@ -4,9 +4,8 @@
     python -m ddpm_lib.bench --nets small --steps 20 --json bench.json
     python -m ddpm_lib.bench --time-to-quality 30,60,120
 
-Everything is measured side by side in one process, on one device, so that the ratios hold
-even on a noisy machine. Two network sizes, each matched in parameters to a diffusers
-configuration:
+Everything is measured side by side in one process, on one device, so that the ratios hold even
+on a noisy machine. Two network sizes, each matched in parameters to a diffusers configuration:
 
 * ``small``: the book's Fashion-MNIST network (1.1M parameters, 28x28x1);
 * ``cifar``: the DDPM paper's CIFAR-10 network (35.7M parameters, 32x32x3), 33x the FLOPs.
@@ -23,8 +22,7 @@ backward pass (counted by ``torch.utils.flop_counter``) per second, over the GPU
 (bf16, or fp16 where there is no bf16) tensor-core peak. ``--time-to-quality`` trains the small
 networks for wall-clock budgets on Fashion-MNIST and scores DDIM samples with :mod:`ddpm_lib.metrics`.
 
-diffusers is needed only here: ``pip install diffusers``.
-"""
+diffusers is needed only here: ``pip install diffusers``."""
 from __future__ import annotations
 
 import argparse
@@ -37,10 +35,10 @@ from pathlib import Path
 
 import torch
 
-from . import data
-from .samplers import ddim_sample
+from . import data, features, metrics, samplers
 from .schedules import NoiseSchedule
-from .train import DEFAULT_COMPILE_MODE, gpu_has_bf16, train
+from .accel import DEFAULT_COMPILE_MODE, gpu_has_bf16
+from .train import train
 from .unet import UNet, count_parameters
 
 # Matched configurations: (ddpm_lib UNet kwargs, diffusers UNet2DModel kwargs, image shape)
@@ -67,30 +65,32 @@ PEAK_16BIT = {"H200": 989e12, "H100 PCIe": 756e12, "H100": 989e12, "A100": 312e1
               "L4": 121e12, "A10G": 125e12, "T4": 65e12, "V100": 125e12}
 
 # The variants measured: name -> (network, fast-path settings for TrainConfig)
-EAGER_FP32 = dict(bf16=False, channels_last=False, compile=False)
-EAGER_BF16 = dict(bf16=True, channels_last=False, compile=False)
+EAGER_FP32 = dict(precision="fp32", channels_last=False, compile=False)
+EAGER_BF16 = dict(precision="bf16", channels_last=False, compile=False)
 VARIANTS = {
     "diffusers eager fp32": ("diffusers", EAGER_FP32),
     "diffusers eager bf16": ("diffusers", EAGER_BF16),
     "ddpm_lib eager fp32": ("ddpm_lib", EAGER_FP32),
     "ddpm_lib eager bf16": ("ddpm_lib", EAGER_BF16),
-    "ddpm_lib fast": ("ddpm_lib", dict(bf16=True, channels_last=True, compile=DEFAULT_COMPILE_MODE)),
+    "ddpm_lib fast": ("ddpm_lib", dict(precision="bf16", channels_last=True,
+                                         compile=DEFAULT_COMPILE_MODE)),
 }
 
 
 def variant(name: str, device, fp16: bool = False) -> tuple[str, str, dict]:
-    """``(name, network kind, fast-path settings)`` of a variant on ``device``. A GPU without
-    bf16 (compute capability < 8: T4, V100), or ``fp16=True``, runs the bf16 variants in fp16
-    with loss scaling, under a name that says so."""
+    """``(name, network kind, fast-path settings)`` of a variant on ``device``. A GPU without bf16
+    (compute capability < 8: T4, V100), or ``fp16=True``, runs the bf16 variants in fp16 with loss
+    scaling, under a name that says so. Used by the Benchmarks appendix (benchmarks.md)."""
     kind, fast = VARIANTS[name]
-    if fast.get("bf16") and (fp16 or (device.type == "cuda" and not gpu_has_bf16(device))):
-        fast = {**fast, "bf16": False, "fp16": True}
+    if fast["precision"] == "bf16" and (fp16 or (device.type == "cuda" and not gpu_has_bf16(device))):
+        fast = {**fast, "precision": "fp16"}
         name = name.replace("bf16", "fp16") if "bf16" in name else name + " (fp16)"
     return name, kind, fast
 
 
 class DiffusersEps(torch.nn.Module):
-    """A diffusers UNet2DModel behind ddpm_lib's model interface: ``(x_t, t) -> eps``."""
+    """A diffusers UNet2DModel behind ddpm_lib's model interface: ``(x_t, t) -> eps``.
+    Used by the Benchmarks appendix and chapter 11, "The benchmark" (``ch11-benchmark``)."""
 
     def __init__(self, **config):
         super().__init__()
@@ -102,12 +102,14 @@ class DiffusersEps(torch.nn.Module):
 
 
 def build(kind: str, net: str) -> torch.nn.Module:
+    """``kind``'s network ``net``, seeded, as the Benchmarks appendix measures it."""
     torch.manual_seed(0)
     ours, theirs, _ = NETS[net]
     return UNet(**ours) if kind == "ddpm_lib" else DiffusersEps(**theirs)
 
 
 def synchronize(device: torch.device) -> None:
+    """Wait for the GPU (nothing on a CPU) before reading a clock: Benchmarks appendix timings."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
@@ -125,18 +127,21 @@ def _count_flops(model, shape, batch_size, device, backward: bool) -> float:
 
 
 def train_flops(model, shape, batch_size, device) -> float:
-    """FLOPs of one forward and backward pass at ``batch_size`` (matrix products and convolutions)."""
+    """FLOPs of one forward and backward pass at ``batch_size`` (matrix products and convolutions).
+    Taught in chapter 11, "FLOPs per step against milliseconds per step" (``ch11-benchmark``)."""
     return _count_flops(model, shape, batch_size, device, backward=True)
 
 
 def forward_flops(model, shape, batch_size, device) -> float:
     """FLOPs of one forward pass without gradients at ``batch_size`` (one network evaluation
-    when sampling; matrix products and convolutions)."""
+    when sampling; matrix products and convolutions).
+    Taught in chapter 10, "FLOPs per network evaluation", and chapter 11 (``ch11-benchmark``)."""
     return _count_flops(model, shape, batch_size, device, backward=False)
 
 
 def measure_training(kind, net, fast, device, batch_size, steps, warmup, images) -> dict:
-    """Images/s over ``steps`` timed steps after ``warmup`` (which absorbs compilation)."""
+    """Images/s over ``steps`` timed steps after ``warmup`` (which absorbs compilation).
+    Used by the Benchmarks appendix (benchmarks.md) and chapter 11, "The benchmark"."""
     model = build(kind, net)
     marks = {}
 
@@ -163,7 +168,8 @@ def measure_training(kind, net, fast, device, batch_size, steps, warmup, images)
 @torch.no_grad()
 def measure_sampling(kind, net, device, batch_size, half=None, reps=20) -> float:
     """Milliseconds per network evaluation (one sampler step's model call) at ``batch_size``,
-    under autocast to ``half`` (torch.bfloat16 or torch.float16) if given."""
+    under autocast to ``half`` (torch.bfloat16 or torch.float16) if given.
+    Used by the Benchmarks appendix (benchmarks.md) and chapter 11, "The benchmark"."""
     model = build(kind, net).to(device).eval()
     x = torch.randn((batch_size, *NETS[net][2]), device=device)
     t = torch.full((batch_size,), 500, device=device)
@@ -180,10 +186,10 @@ def measure_sampling(kind, net, device, batch_size, half=None, reps=20) -> float
 
 def time_to_quality(device, budgets, batch_size, n_samples, variants, fp16=False) -> list[dict]:
     """Train each variant on Fashion-MNIST for wall-clock ``budgets`` (seconds, compilation
-    included), snapshot the EMA weights at each, and score DDIM-50 samples of each snapshot."""
-    from . import metrics
+    included), snapshot the EMA weights at each, and score DDIM-50 samples of each snapshot. Used
+    by ``--time-to-quality``, see the Benchmarks appendix (benchmarks.md)."""
     images, _ = data.load("fashion_mnist", "train")
-    reference = metrics.reference_features("fashion_mnist", "train")
+    reference = features.reference_features("fashion_mnist", "train")
     schedule = NoiseSchedule.linear()
     rows = [dict(variant="real test images (floor)", budget_s=0, steps=0,
                  **metrics.real_floor(n_samples, real_features=reference))]
@@ -202,8 +208,8 @@ def time_to_quality(device, budgets, batch_size, n_samples, variants, fp16=False
               ema_decay=0.999, device=device, progress=False, log_every=100, callback=snap, **fast)
         for budget, (step, ema_model) in snapshots.items():
             g = torch.Generator(device).manual_seed(0)
-            samples = ddim_sample(ema_model, schedule, (n_samples, 1, 28, 28), steps=50, generator=g,
-                                  device=device).cpu()
+            samples = samplers.sample(ema_model, schedule, (n_samples, 1, 28, 28), sampler="ddim", steps=50,
+                                      generator=g, device=device).cpu()
             scores = metrics.evaluate(samples, real_features=reference)
             rows.append(dict(variant=name, budget_s=budget, steps=step, **scores))
             print(f"  {name:22s} {budget:6.0f} s  {step:7d} steps  " +
@@ -212,7 +218,8 @@ def time_to_quality(device, budgets, batch_size, n_samples, variants, fp16=False
 
 
 def cpu_name() -> str:
-    """The processor's model name (from /proc/cpuinfo on Linux), else what platform knows."""
+    """The processor's model name (from /proc/cpuinfo on Linux), else what platform knows.
+    Used by the Benchmarks appendix (benchmarks.md) and chapter 11, "The benchmark"."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
@@ -223,6 +230,7 @@ def cpu_name() -> str:
 
 
 def environment(device) -> dict:
+    """Date, versions and machine: a benchmark log's first line (chapter 11, "The benchmark")."""
     env = dict(date=time.strftime("%Y-%m-%d"), torch=torch.__version__, python=platform.python_version(),
                device=str(device), cpu=cpu_name(),
                threads=torch.get_num_threads())
@@ -237,6 +245,7 @@ def environment(device) -> dict:
 
 
 def peak_flops(device) -> float | None:
+    """The GPU's dense 16-bit peak FLOP/s, or None, for MFU (chapter 11, "The benchmark")."""
     if device.type != "cuda":
         return None
     name = torch.cuda.get_device_name(device)
@@ -244,6 +253,7 @@ def peak_flops(device) -> float | None:
 
 
 def run(device, nets, variants, batch_sizes, steps, warmup, fp16=False) -> list[dict]:
+    """Measure every variant of every network: the Benchmarks appendix's rows (benchmarks.md)."""
     images = {net: torch.rand((4096, *NETS[net][2])) * 2 - 1 for net in nets}
     rows = []
     for net in nets:
@@ -254,7 +264,7 @@ def run(device, nets, variants, batch_sizes, steps, warmup, fp16=False) -> list[
             try:
                 row = dict(net=net, variant=name, batch=B, **measure_training(
                     kind, net, fast, device, B, steps, warmup, images[net]))
-                half = torch.bfloat16 if fast.get("bf16") else torch.float16 if fast.get("fp16") else None
+                half = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(fast["precision"])
                 row["ms_per_eval"] = measure_sampling(kind, net, device, B, half)
             except Exception as e:  # one variant failing (say, compile) must not hide the others
                 row = dict(net=net, variant=name, batch=B, error=f"{type(e).__name__}: {e}"[:300])
@@ -276,6 +286,7 @@ def run(device, nets, variants, batch_sizes, steps, warmup, fp16=False) -> list[
 
 
 def format_row(r: dict) -> str:
+    """A printed row of the benchmark; chapter 11, "The benchmark", reads it back with read_log."""
     if "error" in r:
         return f"{r['net']:6s} {r['variant']:22s} failed: {r['error']}"
     mfu = f"{100 * r['mfu']:5.1f}%" if r.get("mfu") is not None else "  n/a"
@@ -295,8 +306,9 @@ ROW = re.compile(r"(?P<net>\S+)\s+(?P<variant>\S.*?)\s+(?P<params>[\d,]+) params
 
 def parse_row(line: str) -> dict | None:
     """The inverse of :func:`format_row`: a dict with the keys it reads (net, variant, params,
-    batch, images_per_s, ms_per_step, ms_per_eval, peak_memory_gb where printed, mfu as a
-    fraction or None, warmup_s), or None for any other line, a failed row included."""
+    batch, images_per_s, ms_per_step, ms_per_eval, peak_memory_gb where printed, mfu as a fraction
+    or None, warmup_s), or None for any other line, a failed row included. Used by :func:`read_log`
+    (chapter 11, "The benchmark")."""
     m = ROW.fullmatch(line.strip())
     if m is None:
         return None
@@ -315,7 +327,7 @@ def read_log(path) -> tuple[dict, list[dict]]:
     """``(env, rows)`` of a saved output of ``python -m ddpm_lib.bench``: ``env`` the first
     environment line as ``{key: value}`` strings (date, torch, python, device, ..., gpu on a
     GPU), ``rows`` the :func:`parse_row` dicts of its throughput rows in order (failed rows
-    left out)."""
+    left out). Taught in chapter 11, "The benchmark" (``ch11-benchmark``)."""
     env, rows = {}, []
     for line in Path(path).read_text().splitlines():
         if line.startswith("date:") and not env:
@@ -326,7 +338,7 @@ def read_log(path) -> tuple[dict, list[dict]]:
 
 
 def table(rows: list[dict]) -> str:
-    """A Markdown table of the throughput rows."""
+    """A Markdown table of the throughput rows, printed by ``main`` (Benchmarks appendix)."""
     lines = ["| network | variant | params | batch | images/s | vs diffusers | ms/eval | peak memory | MFU |",
              "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for r in rows:
@@ -342,6 +354,7 @@ def table(rows: list[dict]) -> str:
 
 
 def main(argv=None) -> None:
+    """``python -m ddpm_lib.bench``: its results are in the Benchmarks appendix (benchmarks.md)."""
     p = argparse.ArgumentParser(prog="python -m ddpm_lib.bench", description=__doc__.split("\n")[0])
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     p.add_argument("--nets", default="small,cifar", help=f"comma-separated, from {sorted(NETS)}")

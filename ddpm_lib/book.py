@@ -22,15 +22,21 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from . import __version__
+
 PROFILES = ("smoke", "cpu", "gpu")
 
 
 def in_colab() -> bool:
+    """Whether this runs in Google Colab. Used by :func:`setup`, and to mount Google Drive in
+    chapter 5, "Train here, or load the shipped weights?"."""
     return "google.colab" in sys.modules
 
 
 def get_profile(profile: str | None = None) -> str:
-    """The profile: the argument, else ``$DDPM_PROFILE``, else gpu/cpu by CUDA availability."""
+    """The profile: the argument, else ``$DDPM_PROFILE``, else gpu/cpu by CUDA availability.
+    Used by every chapter's first cell (:func:`setup`); the profiles are explained in
+    "How to use this book" (how_to_use.md), "Profiles: how much work a chapter does"."""
     if profile is None:
         profile = os.environ.get("DDPM_PROFILE") or ("gpu" if torch.cuda.is_available() else "cpu")
     profile = profile.strip().lower()
@@ -40,7 +46,8 @@ def get_profile(profile: str | None = None) -> str:
 
 
 def seed_everything(seed: int) -> None:
-    """Seed Python, NumPy and PyTorch (CPU and CUDA)."""
+    """Seed Python, NumPy and PyTorch (CPU and CUDA). Used by every chapter's first cell
+    (:func:`setup`)."""
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
@@ -48,7 +55,9 @@ def seed_everything(seed: int) -> None:
 
 @dataclass
 class Setup:
-    """The result of :func:`setup`: ``device``, ``profile`` and ``seed`` of this run."""
+    """The result of :func:`setup`: ``device``, ``profile`` and ``seed`` of this run.
+    Every chapter's first cell keeps it as ``cfg`` and sizes its work with ``cfg.pick``, see
+    "How to use this book" (how_to_use.md), "Profiles: how much work a chapter does"."""
     device: torch.device
     profile: str
     seed: int
@@ -68,21 +77,23 @@ DRIVE = Path("/content/drive/MyDrive")
 def checkpoint_dir(name: str = "ddpm-book", local: str | os.PathLike = "checkpoints") -> Path:
     """Where a chapter keeps its checkpoints: ``MyDrive/<name>`` when Google Drive is mounted
     in Colab (``from google.colab import drive; drive.mount("/content/drive")``), so they
-    survive a disconnect; otherwise the local folder ``local``. The folder is created."""
+    survive a disconnect; otherwise the local folder ``local``. The folder is created.
+    Taught in chapter 5, "Where: `book.checkpoint_dir()`" (``ch05-checkpoints``)."""
     folder = DRIVE / name if DRIVE.is_dir() else Path(local)
     folder.mkdir(parents=True, exist_ok=True)
     return folder
 
 
 def setup(seed: int = 0, profile: str | None = None, device: str | None = None, quiet: bool = False) -> Setup:
-    """Pick the device, seed everything, read the profile and print a short summary."""
+    """Pick the device, seed everything, read the profile and print a short summary.
+    Called by every chapter's first cell, see "How to use this book" (how_to_use.md),
+    "In Google Colab (recommended for running)"."""
     profile = get_profile(profile)
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(device)
     seed_everything(seed)
     if not quiet:
-        from . import __version__
         where = "Colab" if in_colab() else platform.system()
         gpu = f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""
         print(f"ddpm_lib {__version__} | torch {torch.__version__} | python {platform.python_version()} | {where}")
@@ -102,7 +113,8 @@ RESULTS_URL = "https://raw.githubusercontent.com/ddpm-book/ddpm-book/main/result
 
 def result_path(name: str) -> Path:
     """The path of ``results/<name>``: in the repository (from the working folder, its parent,
-    or beside the installed package), else downloaded from the repository into ./results."""
+    or beside the installed package), else downloaded from the repository into ./results.
+    Used in chapter 10, "Quality at equal training time", and chapter 11, "The benchmark"."""
     for root in (Path.cwd(), Path.cwd().parent, Path(__file__).resolve().parents[1]):
         path = root / "results" / name
         if path.is_file():
@@ -122,6 +134,8 @@ def result_path(name: str) -> Path:
 
 
 def load_result(name: str) -> dict:
-    """``results/<name>`` (a JSON file) as a dict; see :func:`result_path`."""
+    """``results/<name>`` (a JSON file) as a dict; see :func:`result_path`.
+    Used where a chapter shows a stored measurement, as in chapters 7 to 10 and chapter 3,
+    "The bound of the book's model, in bits per dimension" (``ch03-l0``)."""
     import json
     return json.loads(result_path(name).read_text())

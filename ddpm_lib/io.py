@@ -34,14 +34,16 @@ UNREADABLE_LOCK_GRACE_S = 10.0
 
 
 class CheckpointBusy(RuntimeError):
-    """Another live process holds the lock of the checkpoint this run would write."""
+    """Another live process holds the lock of the checkpoint this run would write.
+    Used in chapter 5, "Checkpoints, Google Drive and resuming" (``ch05-checkpoints``)."""
 
 
 # ----------------------------------------------------------------------------------------
 # Digests and modes
 # ----------------------------------------------------------------------------------------
 def sha256(path: str | os.PathLike) -> str:
-    """Hex sha256 of a file."""
+    """Hex sha256 of a file. Used in chapter 5, "The final model": ``load_pretrained`` checks
+    the shipped file's digest with it."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
@@ -67,7 +69,8 @@ def _umask() -> int:
 
 
 def new_file_mode() -> int:
-    """The mode ``open(path, "w")`` would give a new file: ``0o666 & ~umask``."""
+    """The mode ``open(path, "w")`` would give a new file: ``0o666 & ~umask``. Used by
+    :func:`save_checkpoint`, chapter 5, "What a checkpoint holds, and how it is written"."""
     return 0o666 & ~_umask()
 
 
@@ -102,7 +105,8 @@ def _temporary_owner(name: str, path: Path) -> int | None:
 def remove_stale_temporaries(path: str | os.PathLike, older_than: float) -> list[Path]:
     """Delete the ``<name>.*.tmp`` files beside ``path`` that a killed :func:`save_checkpoint`
     left: modified before ``older_than`` (a ``time.time()``) and written by a process that is
-    gone (or by an older ddpm_lib, whose names carry no pid). Returns the files removed."""
+    gone (or by an older ddpm_lib, whose names carry no pid). Returns the files removed. Used
+    by :func:`save_checkpoint`, chapter 5, "What a checkpoint holds, and how it is written"."""
     path = Path(path)
     removed = []
     try:
@@ -141,7 +145,9 @@ def _fsync_folder(folder: Path) -> None:
 def save_checkpoint(state: dict, path: str | os.PathLike) -> None:
     """Write ``state`` with torch.save to a temporary file beside ``path``, then rename it
     over ``path``: a crash mid-write never leaves a half-written checkpoint. Temporaries that
-    earlier, killed saves left beside ``path`` are removed first."""
+    earlier, killed saves left beside ``path`` are removed first.
+    Taught in chapter 5, "What a checkpoint holds, and how it is written" (``ch05-checkpoints``).
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_temporaries(path, older_than=time.time())
@@ -181,6 +187,7 @@ def load_checkpoint(path: str | os.PathLike, map_location="cpu", *, what: str = 
     A missing file raises ``FileNotFoundError``; an empty, truncated or foreign one a
     ``ValueError`` that names the file, says what is wrong and ends with ``remedy``.
     ``what`` names the kind of file in those messages ("checkpoint", "weights file", ...).
+    Taught in chapter 5, "What a checkpoint holds, and how it is written" (``ch05-checkpoints``).
     """
     path = Path(path)
     if not path.is_file():
@@ -195,7 +202,8 @@ def load_checkpoint(path: str | os.PathLike, map_location="cpu", *, what: str = 
 def load_verified(path: str | os.PathLike, sha256: str | None = None, map_location="cpu", *,
                   what: str = "file", remedy: str = "fetch or make the file again") -> dict:
     """:func:`load_checkpoint`, after checking that the file's sha256 is ``sha256`` (skipped
-    when it is None). A mismatch raises ``ValueError`` naming both digests and ``remedy``."""
+    when it is None). A mismatch raises ``ValueError`` naming both digests and ``remedy``.
+    Used in chapter 5, "The final model" (``load_pretrained`` checks the shipped file's sha256)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no {what} at {path}")
@@ -209,6 +217,7 @@ def load_verified(path: str | os.PathLike, sha256: str | None = None, map_locati
 
 FILE_KINDS = {
     "checkpoint": "a training checkpoint (written by ddpm_lib.train)",
+    "vae_checkpoint": "a VAE training checkpoint (ddpm_lib.autoencoder.train_autoencoder)",
     "weights": "an exported weights file (python -m ddpm_lib export, or save_weights)",
     "vae": "a VAE file (ddpm_lib.autoencoder.save_vae)",
     "classifier": "a classifier file (scripts/train_classifier.py)",
@@ -218,11 +227,12 @@ FILE_KINDS = {
 
 def file_kind(blob) -> str:
     """Which of the files ``ddpm_lib`` writes ``blob`` (a loaded file) is: a key of
-    :data:`FILE_KINDS`, told apart by the keys each kind holds."""
+    :data:`FILE_KINDS`, told apart by the keys each kind holds. ``export`` and ``load_weights``
+    use it to refuse a file of another kind (chapter 5, "A simulated disconnect")."""
     if not isinstance(blob, dict):
         return "unknown"
-    if {"model", "ema", "optimizer", "step"} <= blob.keys():
-        return "checkpoint"
+    if {"model", "optimizer", "step"} <= blob.keys():
+        return "checkpoint" if "ema" in blob else "vae_checkpoint"
     if {"state_dict", "model_config", "betas"} <= blob.keys():
         return "weights"
     if str(blob.get("format", "")).startswith("ddpm_lib.autoencoder.VAE"):
@@ -236,7 +246,8 @@ def file_kind(blob) -> str:
 # One run per checkpoint
 # ----------------------------------------------------------------------------------------
 def lock_path(checkpoint: str | os.PathLike) -> Path:
-    """The lock file of ``checkpoint``: ``run.pt`` -> ``run.pt.lock``."""
+    """The lock file of ``checkpoint``: ``run.pt`` -> ``run.pt.lock``.
+    Used in chapter 5, "Checkpoints, Google Drive and resuming" (``ch05-checkpoints``)."""
     checkpoint = Path(checkpoint)
     return checkpoint.with_name(checkpoint.name + ".lock")
 
@@ -283,6 +294,8 @@ def acquire_lock(checkpoint: str | os.PathLike) -> Path:
     Creating it is also the check that the checkpoint's folder can be written (an
     ``OSError`` that says so). A lock whose process has died on this machine is taken over;
     a live one raises :class:`CheckpointBusy` naming the lock file and the pid.
+    Used in chapter 5, "Checkpoints, Google Drive and resuming" (``ch05-checkpoints``): ``train``
+    holds the lock while it writes a checkpoint.
     """
     checkpoint = Path(checkpoint)
     _check_writable_folder(checkpoint)
@@ -309,7 +322,8 @@ def acquire_lock(checkpoint: str | os.PathLike) -> Path:
 
 
 def release_lock(lock: Path) -> None:
-    """Delete ``lock`` if this process still holds it."""
+    """Delete ``lock`` if this process still holds it.
+    Used in chapter 5, "Checkpoints, Google Drive and resuming" (``ch05-checkpoints``)."""
     owner = _lock_owner(lock)
     if owner is not None and owner == (os.getpid(), socket.gethostname()):
         lock.unlink(missing_ok=True)
@@ -318,7 +332,8 @@ def release_lock(lock: Path) -> None:
 @contextlib.contextmanager
 def checkpoint_lock(checkpoint: str | os.PathLike):
     """``with checkpoint_lock(path):`` holds the lock of ``path`` (see :func:`acquire_lock`)
-    for the block and releases it however the block ends. Yields the lock file's path."""
+    for the block and releases it however the block ends. Yields the lock file's path.
+    Used in chapter 5, "Checkpoints, Google Drive and resuming" (``ch05-checkpoints``)."""
     lock = acquire_lock(checkpoint)
     try:
         yield lock

@@ -41,7 +41,9 @@ def _sum_per_image(x: Tensor) -> Tensor:
 
 
 def check_8bit(x0: Tensor) -> None:
-    """The discrete decoder needs images on the 256-value grid ``k / 127.5 - 1``."""
+    """The discrete decoder needs images on the 256-value grid ``k / 127.5 - 1``: a ValueError
+    otherwise. x0 (B, C, H, W). Used by :func:`nll_bound`; the grid is taught in chapter 3,
+    "The first step: a discrete decoder" (``ch03-l0``)."""
     if not isinstance(x0, torch.Tensor) or not x0.is_floating_point() or x0.ndim < 2:
         raise ValueError("x0 must be a float tensor of shape (B, C, H, W) in [-1, 1]")
     levels = (x0.double() + 1) * 127.5
@@ -68,6 +70,7 @@ def discrete_gaussian_log_likelihood(x0: Tensor, mean: Tensor, std: Tensor | flo
     Each pixel value x owns the interval [x - 1/255, x + 1/255]; the lowest value (-1)
     owns everything below, the highest (+1) everything above, so the 256 probabilities
     sum to 1 for any mean and std. Shapes broadcast; float64 result.
+    Taught in chapter 3, "The first step: a discrete decoder" (``ch03-l0``).
     """
     level = ((x0.double() + 1) * 127.5).round()     # 0..255, exact whatever x0's dtype
     x0, mean = level / 127.5 - 1, mean.double()
@@ -80,7 +83,8 @@ def discrete_gaussian_log_likelihood(x0: Tensor, mean: Tensor, std: Tensor | flo
 
 
 def prior_kl(schedule, x0: Tensor) -> Tensor:
-    """L_T = KL( N(sqrt(alpha_bar_T) x0, (1 - alpha_bar_T) I) || N(0, I) ) per image, nats (B,)."""
+    """L_T = KL( N(sqrt(alpha_bar_T) x0, (1 - alpha_bar_T) I) || N(0, I) ) per image, nats (B,).
+    Taught in chapter 2, "Why the last step must reach (almost) pure noise"."""
     x0 = x0.double()
     alpha_bar = schedule.float64("alpha_bars")[-1].to(x0.device)
     kl = diffusion.gaussian_kl(alpha_bar.sqrt() * x0, 1 - alpha_bar, torch.zeros_like(x0), torch.ones_like(x0))
@@ -102,7 +106,9 @@ def _reverse_variances(schedule, sigma: str) -> Tensor:
 @torch.no_grad()
 def elbo_terms(model, schedule, x0: Tensor, t: Tensor, eps: Tensor, sigma: str = "beta") -> Tensor:
     """L_t per image in nats, (B,), at 0-based timesteps ``t`` (B,): the KL term where t >= 1,
-    the decoder's -log p(x0 | x_1) where t == 0. ``eps`` (like x0) noises x0 to x_t."""
+    the decoder's -log p(x0 | x_1) where t == 0. ``eps`` (like x0) noises x0 to x_t.
+    Taught in chapter 3, "From a KL divergence to a noise-prediction loss" (t >= 1) and
+    "The first step: a discrete decoder" (t == 0, ``ch03-l0``)."""
     t = schedule.check_t(t, batch_size=x0.shape[0])
     x_t, _ = schedule.q_sample(x0, t, eps)              # in x0's dtype, which the model takes
     eps_pred = model(x_t, t).double()
@@ -144,7 +150,8 @@ def _stratified_timesteps(T: int, k: int, batch: int, generator) -> tuple[Tensor
 
 @dataclass
 class NLLBound:
-    """Per-image terms of the bound in bits per dimension, each (N,); ``total`` is their sum."""
+    """Per-image terms of the bound in bits per dimension, each (N,); ``total`` is their sum.
+    Used in chapter 3, "The bound of the book's model, in bits per dimension" (``ch03-l0``)."""
     prior: Tensor
     diffusion: Tensor
     decoder: Tensor
@@ -170,6 +177,7 @@ def nll_bound(model, schedule, x0: Tensor, num_timesteps: int | None = None, sig
     ``num_timesteps=None`` evaluates every L_t (T - 1 network calls per image); an integer
     k estimates their sum from one timestep in each of k strata (unbiased, k calls per
     image). The noise and the strata draws come from ``generator`` (CPU).
+    Taught in chapter 3, "The bound of the book's model, in bits per dimension" (``ch03-l0``).
     """
     check_8bit(x0)
     if sigma not in ("beta", "beta_tilde"):

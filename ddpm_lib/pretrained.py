@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from .autoencoder import VAE, load_vae
 from .io import FILE_KINDS, file_kind, load_verified, save_checkpoint, sha256
 from .schedules import NoiseSchedule
 from .unet import UNet
@@ -53,7 +54,9 @@ PRETRAINED_VAE = dict(file="fashion_mnist_vae.pt",
 
 def save_weights(model: UNet, schedule: NoiseSchedule, path, meta: dict | None = None) -> str:
     """Write ``model``'s weights (usually the EMA model), its configuration and the schedule's
-    betas to ``path``, atomically, in the format :func:`load_weights` reads. Returns the sha256."""
+    betas to ``path``, atomically, in the format :func:`load_weights` reads. Returns the sha256.
+    Used in chapter 11, "Mixed precision: bf16" (snapshots of the EMA weights); the format is
+    the one ``export`` writes in chapter 5, "A simulated disconnect"."""
     if getattr(model, "config", None) is None:
         raise ValueError("model has no .config: save_weights takes a ddpm_lib UNet")
     blob = {"state_dict": {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()},
@@ -76,6 +79,7 @@ def load_weights(path, device="cpu", sha256: str | None = None) -> tuple[UNet, N
     With ``sha256``, the file's digest is checked first. A missing file raises
     ``FileNotFoundError``; an unreadable one, or a file of another kind (a training
     checkpoint, say), a ``ValueError`` that says what the file is and what to pass instead.
+    Used in chapter 5, "A simulated disconnect" (``ch05-checkpoints``), for an exported file.
     """
     path = Path(path)
     remedy = ("reinstall ddpm_lib or fetch the file again" if sha256 is not None
@@ -95,14 +99,15 @@ def load_weights(path, device="cpu", sha256: str | None = None) -> tuple[UNet, N
 
 
 def load_pretrained(name: str = "fashion_mnist_ddpm", device="cpu") -> tuple[UNet, NoiseSchedule, dict]:
-    """Load shipped weights by name, after checking the file's sha256."""
+    """Load shipped weights by name, after checking the file's sha256.
+    Taught in chapter 5, "The final model"; chapters 3 and 6 to 11 use it too."""
     if name not in PRETRAINED:
         raise ValueError(f"no pretrained model {name!r}; available: {sorted(PRETRAINED) or 'none yet'}")
     entry = PRETRAINED[name]
     return load_weights(WEIGHTS_DIR / entry["file"], device, sha256=entry["sha256"])
 
 
-def load_pretrained_vae(device="cpu"):
-    """The shipped Fashion-MNIST VAE (28x28 images <-> 4x7x7 latents), after its sha256 check."""
-    from .autoencoder import load_vae
+def load_pretrained_vae(device="cpu") -> VAE:
+    """The shipped Fashion-MNIST VAE (28x28 images <-> 4x7x7 latents), after its sha256 check.
+    Used in chapter 10, "The shipped autoencoder"."""
     return load_vae(WEIGHTS_DIR / PRETRAINED_VAE["file"], device, sha256=PRETRAINED_VAE["sha256"])

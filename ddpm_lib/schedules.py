@@ -20,7 +20,8 @@ Tensor = torch.Tensor
 
 
 def linear_betas(T: int = 1000, beta_start: float = 1e-4, beta_end: float = 0.02) -> Tensor:
-    """Betas rising linearly from ``beta_start`` to ``beta_end`` (Ho et al. 2020). Shape (T,), float64."""
+    """Betas rising linearly from ``beta_start`` to ``beta_end`` (Ho et al. 2020). Shape (T,), float64.
+    Taught in chapter 2, "Linear and cosine schedules"."""
     T = _check_T(T)
     beta_start, beta_end = real("beta_start", beta_start), real("beta_end", beta_end)
     if not (0 < beta_start < 1 and 0 < beta_end < 1):
@@ -32,11 +33,13 @@ def linear_betas(T: int = 1000, beta_start: float = 1e-4, beta_end: float = 0.02
 
 
 def cosine_betas(T: int = 1000, s: float = 0.008, max_beta: float = 0.999) -> Tensor:
-    """Betas of the cosine schedule (Nichol & Dhariwal 2021, eq. 17).
+    r"""Betas of the cosine schedule (Nichol & Dhariwal 2021, eq. 17).
 
     alpha_bar(t) = f(t) / f(0) with f(t) = cos((t/T + s) / (1 + s) * pi/2)^2, and
     beta_t = 1 - alpha_bar(t) / alpha_bar(t-1), capped at ``max_beta`` so the last steps
     stay finite. Shape (T,), float64.
+    Taught in chapter 2, "Linear and cosine schedules"; the cap in "The cosine schedule's cap
+    on $\beta_t$".
     """
     T = _check_T(T)
     s, max_beta = real("s", s), real("max_beta", max_beta)
@@ -78,7 +81,8 @@ def _check_representable(betas: Tensor, alphas: Tensor, alpha_bars: Tensor) -> N
 
 
 class NoiseSchedule:
-    """Everything the diffusion process derives from a sequence of betas.
+    r"""Everything the diffusion process derives from a sequence of betas.
+    Taught in chapter 2, "The noise schedule: $\beta_t$, $\alpha_t$ and $\bar\alpha_t$".
 
     Attributes, each a float32 tensor of shape (T,), indexed by the 0-based timestep t:
 

@@ -31,6 +31,7 @@ def sinusoidal_embedding(t: Tensor, dim: int, max_period: float = 10000.0) -> Te
     Component pairs ``(sin(t w_k), cos(t w_k))`` with frequencies
     ``w_k = max_period ** (-k / (dim/2))``, k = 0 .. dim/2 - 1.
     ``t``: (B,) integers or floats. Returns (B, dim) float32.
+    Taught in chapter 4, "The time embedding".
     """
     _check_embedding_dim("the embedding dimension", dim)
     if t.ndim != 1:
@@ -51,7 +52,8 @@ def _check_embedding_dim(name: str, dim) -> int:
 
 
 class TimeEmbedding(nn.Module):
-    """Sinusoidal embedding followed by a two-layer MLP: (B,) -> (B, dim)."""
+    """Sinusoidal embedding followed by a two-layer MLP: (B,) -> (B, dim).
+    Taught in chapter 4, "The time embedding"."""
 
     def __init__(self, dim: int, sinusoid_dim: int | None = None):
         super().__init__()
@@ -82,6 +84,7 @@ class ResBlock(nn.Module):
     GroupNorm subtracts each group's mean, so it removes the part of the bias shared by a
     group; groups of several channels (see ``_groups``) keep the rest, the time signal.
     (B, C_in, H, W), (B, D) -> (B, C_out, H, W).
+    Taught in chapter 4, "Residual blocks".
     """
 
     def __init__(self, in_channels: int, out_channels: int, emb_dim: int, dropout: float = 0.0):
@@ -103,7 +106,7 @@ class ResBlock(nn.Module):
 
 class AttentionBlock(nn.Module):
     """Multi-head self-attention over the H*W positions, with a residual connection.
-    (B, C, H, W) -> (B, C, H, W)."""
+    (B, C, H, W) -> (B, C, H, W). Taught in chapter 4, "Self-attention at low resolution"."""
 
     def __init__(self, channels: int, num_heads: int = 1):
         super().__init__()
@@ -123,7 +126,8 @@ class AttentionBlock(nn.Module):
 
 
 class Downsample(nn.Module):
-    """Halve H and W with a stride-2 convolution."""
+    """Halve H and W with a stride-2 convolution.
+    Taught in chapter 4, "Down, up and the skip connections"."""
 
     def __init__(self, channels: int):
         super().__init__()
@@ -134,7 +138,8 @@ class Downsample(nn.Module):
 
 
 class Upsample(nn.Module):
-    """Double H and W: nearest-neighbour upsampling, then a convolution."""
+    """Double H and W: nearest-neighbour upsampling, then a convolution.
+    Taught in chapter 4, "Down, up and the skip connections"."""
 
     def __init__(self, channels: int):
         super().__init__()
@@ -192,6 +197,7 @@ class MinimalUNet(nn.Module):
     the time embedding added as a per-channel bias after each block.
 
     (B, C, H, W), (B,) -> (B, C, H, W); H and W must be even.
+    Taught in chapter 4, "A minimal U-Net".
     """
 
     def __init__(self, in_channels: int = 1, channels: int = 32, time_dim: int = 64):
@@ -222,7 +228,8 @@ class MinimalUNet(nn.Module):
 
 
 class UNet(nn.Module):
-    """The DDPM U-Net (Ho et al. 2020), configurable.
+    """The DDPM U-Net (Ho et al. 2020), configurable. Taught in chapter 4, "The DDPM U-Net";
+    class conditioning in chapter 9, "A class label as a second input".
 
     Args:
         in_channels: image channels C (1 for Fashion-MNIST, 3 for CIFAR-10).
@@ -360,5 +367,6 @@ def _check_heads(num_heads: int, base_channels: int, channel_mults, attention_re
 
 
 def count_parameters(module: nn.Module) -> int:
-    """Number of trainable parameters."""
+    """Number of trainable parameters. Used in chapter 4, "Parameters of the minimal network"
+    and "Where the parameters live"."""
     return sum(p.numel() for p in module.parameters() if p.requires_grad)

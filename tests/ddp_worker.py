@@ -7,7 +7,8 @@ import sys
 import torch
 
 from ddpm_lib import NoiseSchedule
-from ddpm_lib.train import distributed_info, init_distributed, train
+from ddpm_lib.accel import distributed_info, init_distributed
+from ddpm_lib.train import train
 from ddpm_lib.unet import UNet
 
 

@@ -83,19 +83,8 @@ def test_vae_loss_terms():
 
 
 @pytest.fixture(scope="module")
-def fashion():
-    from ddpm_lib import data
-    try:
-        train, _ = data.load("fashion_mnist", "train", limit=1000)
-        test, _ = data.load("fashion_mnist", "test", limit=200)
-    except Exception as e:  # no data on this machine
-        pytest.skip(f"Fashion-MNIST not available: {e}")
-    return train, test
-
-
-@pytest.fixture(scope="module")
 def trained(fashion):
-    train, _ = fashion
+    train = fashion.train[:1000]
     vae = tiny_vae()
     history = train_autoencoder(vae, train, steps=100, batch_size=16, lr=3e-3, progress=False, seed=0)
     return vae, history
@@ -105,7 +94,7 @@ def test_training_reduces_held_out_error(fashion, trained):
     """100 steps of batch 16 on 1,000 images (a few seconds; 17 s on a heavily shared 2-core CPU).
     Measured held-out MSE (on the [-1, 1] scale): 0.69 at initialisation, 0.084 after
     (PSNR 16.8 dB); predicting the mean training image: 0.36."""
-    train, test = fashion
+    train, test = fashion.train[:1000], fashion.test[:200]
     vae, history = trained
     before = reconstruction_error(tiny_vae(), test)["mse"]
     after = reconstruction_error(vae, test)
@@ -117,7 +106,7 @@ def test_training_reduces_held_out_error(fashion, trained):
 
 
 def test_training_is_deterministic(fashion):
-    train, _ = fashion
+    train = fashion.train[:1000]
     a, b = tiny_vae(), tiny_vae()
     ha = train_autoencoder(a, train[:200], steps=5, batch_size=8, progress=False, seed=1, log_every=1)
     hb = train_autoencoder(b, train[:200], steps=5, batch_size=8, progress=False, seed=1, log_every=1)
@@ -125,8 +114,38 @@ def test_training_is_deterministic(fashion):
     assert all(torch.equal(p, q) for p, q in zip(a.state_dict().values(), b.state_dict().values()))
 
 
+def test_vae_training_resumes_exactly_from_a_checkpoint(fashion, tmp_path):
+    """The pieces train() uses (ddpm_lib.runs) give the VAE checkpoints and an exact resume."""
+    images, ckpt = fashion.train[:200], tmp_path / "vae.pt"
+    kw = dict(batch_size=8, progress=False, seed=1, log_every=3, fit_scale=False)
+    straight = tiny_vae()
+    h_straight = train_autoencoder(straight, images, steps=6, **kw)
+    train_autoencoder(tiny_vae(), images, steps=3, checkpoint=ckpt, **kw)
+    assert torch.load(ckpt, weights_only=True)["step"] == 3
+    resumed = tiny_vae(seed=5)                       # other initial weights: the checkpoint's win
+    h_resumed = train_autoencoder(resumed, images, steps=6, checkpoint=ckpt, **kw)
+    assert h_resumed == h_straight
+    assert all(torch.equal(p, q) for p, q in zip(straight.state_dict().values(),
+                                                 resumed.state_dict().values()))
+    with pytest.raises(ValueError, match=r"kl_weight: checkpoint 0\.0001, this run 0\.01"):
+        train_autoencoder(tiny_vae(), images, steps=8, checkpoint=ckpt, kl_weight=1e-2, **kw)
+    with pytest.raises(ValueError, match="network channels"):
+        train_autoencoder(tiny_vae(channels=(8, 16, 32)), images, steps=8, checkpoint=ckpt, **kw)
+    # a VAE checkpoint is not a diffusion checkpoint, nor the other way round
+    from ddpm_lib.train import train
+    unet = latent_unet((4, 7, 7), base_channels=8, dropout=0.0)
+    with pytest.raises(ValueError, match=r"vae\.pt is a VAE training checkpoint .*not a training checkpoint"):
+        train(unet, NoiseSchedule.linear(T=10), images, steps=1, checkpoint=ckpt, progress=False)
+    diffusion_ckpt = tmp_path / "ddpm.pt"
+    latents = encode_dataset(straight, images, scaled=False)
+    train(unet, NoiseSchedule.linear(T=10), latents, steps=1, batch_size=4, checkpoint=diffusion_ckpt,
+          check_range=False, progress=False)
+    with pytest.raises(ValueError, match=r"ddpm\.pt is a training checkpoint .*not a VAE training checkpoint"):
+        train_autoencoder(tiny_vae(), images, steps=8, checkpoint=diffusion_ckpt, **kw)
+
+
 def test_scaled_latents_have_unit_std(fashion, trained):
-    train, test = fashion
+    train, test = fashion.train[:1000], fashion.test[:200]
     vae, history = trained
     assert history["scale_factor"] == vae.scale_factor > 0
     z = encode_dataset(vae, train, batch_size=300)
@@ -177,7 +196,7 @@ def test_latent_diffusion_pipeline(fashion, trained):
     """Latents -> a few steps of diffusion training -> sampling latents -> decoding images."""
     from ddpm_lib.train import train
     vae, _ = trained
-    images, _ = fashion
+    images = fashion.train[:1000]
     latents = encode_dataset(vae, images[:64])
     schedule = NoiseSchedule.linear(T=100, beta_start=1e-3, beta_end=0.1)
     torch.manual_seed(0)

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from ddpm_lib import NoiseSchedule, diffusion, likelihood
+from ddpm_lib import NoiseSchedule, analytic, likelihood
 from ddpm_lib.likelihood import _strata_edges
 from ddpm_lib.pretrained import PRETRAINED
 
@@ -32,7 +32,7 @@ def test_noise_predictor_is_the_scaled_score_in_two_dimensions(k):
     means = torch.tensor([[-0.7, 0.2], [0.4, -0.5], [0.6, 0.8]], dtype=torch.float64)
     stds = torch.tensor([0.1, 0.3, 0.2], dtype=torch.float64)
     weights = torch.tensor([0.5, 0.2, 0.3], dtype=torch.float64)
-    eps_model = diffusion.gaussian_mixture_eps_predictor(schedule, means, stds, weights)
+    eps_model = analytic.gaussian_mixture_eps_predictor(schedule, means, stds, weights)
     a = schedule.float64("alpha_bars")[k]
 
     def log_p(x):  # (B, 2) -> (B,): the exact density of the noised mixture

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+from ddpm_lib.data import DATASETS
 from ddpm_lib.pretrained import load_pretrained, load_weights
 
 TINY = ["--base-channels", "16", "--channel-mults", "1,2", "--num-res-blocks", "1",
@@ -25,8 +26,8 @@ def test_train_export_sample(tmp_path):
                   "--lr", "1e-4", *TINY)                                # resumes, at a new lr
     assert rc == 0 and "resumed from step 2, trained to step 3" in out, out
     assert torch.load(ckpt, weights_only=True)["config"]["lr"] == 1e-4
-    rc, out = cli("train", "--checkpoint", str(tmp_path / "x.pt"), "--bf16", "on", "--fp16", "on", *TINY)
-    assert rc == 2 and "turn on one of them" in out, out
+    rc, out = cli("train", "--checkpoint", str(tmp_path / "x.pt"), "--precision", "fp64", *TINY)
+    assert rc == 2 and "invalid choice: 'fp64'" in out and "'bf16'" in out, out
     rc, out = cli("export", str(ckpt), str(weights))
     assert rc == 0 and "sha256" in out, out
     model, schedule, meta = load_weights(weights)
@@ -69,21 +70,21 @@ def test_benchmark_runs_and_writes_its_table(tmp_path):
     assert result["environment"]["device"] == "cpu"
 
 
-@pytest.mark.parametrize("capability, expected", [((9, 0), ("ddpm_lib fast", True, None)),
-                                                  ((7, 5), ("ddpm_lib fast (fp16)", False, True))])
+@pytest.mark.parametrize("capability, expected", [((9, 0), ("ddpm_lib fast", "bf16")),
+                                                  ((7, 5), ("ddpm_lib fast (fp16)", "fp16"))])
 def test_benchmark_variants_without_bf16(monkeypatch, capability, expected):
     """On a T4 (no bf16) the bf16 variants run in fp16 with loss scaling, and say so."""
     from ddpm_lib import bench
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
     name, kind, fast = bench.variant("ddpm_lib fast", torch.device("cuda", 0))
-    assert (name, fast["bf16"], fast.get("fp16")) == expected and kind == "ddpm_lib"
+    assert (name, fast["precision"]) == expected and kind == "ddpm_lib"
     name, _, fast = bench.variant("diffusers eager bf16", torch.device("cuda", 0))
     assert name == ("diffusers eager fp16" if capability < (8, 0) else "diffusers eager bf16")
     assert bench.variant("ddpm_lib eager fp32", torch.device("cuda", 0))[0] == "ddpm_lib eager fp32"
-    assert bench.variant("ddpm_lib fast", torch.device("cpu"))[2]["bf16"] is True     # CPUs compute bf16
+    assert bench.variant("ddpm_lib fast", torch.device("cpu"))[2]["precision"] == "bf16"  # CPUs compute bf16
     # --fp16: the T4's configuration on any device
     name, _, fast = bench.variant("ddpm_lib eager bf16", torch.device("cpu"), fp16=True)
-    assert name == "ddpm_lib eager fp16" and fast["fp16"] and not fast["bf16"]
+    assert name == "ddpm_lib eager fp16" and fast["precision"] == "fp16"
 
 
 def test_save_weights_round_trip(tmp_path):
@@ -138,6 +139,19 @@ def run_main(capsys, *args):
         code = e.code
     captured = capsys.readouterr()
     return code, captured.out + captured.err
+
+
+def test_train_takes_attention_and_classes_from_the_dataset(tmp_path, fake_cifar10, capsys):
+    """Without --attention-resolutions the U-Net attends where the dataset's registry entry
+    says (16x16 for CIFAR-10, as Ho et al.), and --conditional gets its number of classes."""
+    ckpt = tmp_path / "c.pt"
+    code, out = run_main(capsys, "train", "--data", "cifar10", "--checkpoint", ckpt, "--base-channels", "8",
+                         "--channel-mults", "1,2", "--num-res-blocks", "1", "--conditional", "--steps", "1",
+                         "--batch-size", "2", "--T", "10", "--no-progress")
+    assert code == 0, out
+    config = torch.load(ckpt, weights_only=True)["model_config"]
+    assert tuple(config["attention_resolutions"]) == DATASETS["cifar10"].attention_resolutions == (16,)
+    assert config["num_classes"] == DATASETS["cifar10"].num_classes == 10
 
 
 @pytest.mark.parametrize("args, flag", [

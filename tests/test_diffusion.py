@@ -5,6 +5,8 @@ import pytest
 import torch
 
 from ddpm_lib import NoiseSchedule, diffusion
+from ddpm_lib.analytic import gaussian_eps_predictor
+from ddpm_lib.train import loss_simple
 
 
 def gaussian_conditioning(x0, x_t, t, sched):
@@ -111,15 +113,15 @@ def test_loss_simple_is_eps_mse(linear, gen):
         seen["x_t"], seen["t"] = x_t, tt
         return torch.zeros_like(x_t)
 
-    per_image = diffusion.loss_simple(model, linear, x0, t, eps, reduction="none")
+    per_image = loss_simple(model, linear, x0, t, eps, reduction="none")
     assert torch.allclose(per_image, (eps ** 2).flatten(1).mean(1))
     assert torch.allclose(seen["x_t"], linear.q_sample(x0, t, eps)[0]) and torch.equal(seen["t"], t)
     # the library averages in float32 (per image, then over images): against the float64 mean,
     # rounding of up to ~n float32 ulps, whatever the order of the sums (SIMD width, threads)
     exact = (eps.double() ** 2).mean().item()
-    assert diffusion.loss_simple(model, linear, x0, t, eps).item() == pytest.approx(exact, rel=1e-5)
+    assert loss_simple(model, linear, x0, t, eps).item() == pytest.approx(exact, rel=1e-5)
     with pytest.raises(ValueError):
-        diffusion.loss_simple(model, linear, x0, t, eps, reduction="sum")
+        loss_simple(model, linear, x0, t, eps, reduction="sum")
 
 
 def test_gaussian_eps_predictor_is_conditional_expectation(linear):
@@ -130,11 +132,11 @@ def test_gaussian_eps_predictor_is_conditional_expectation(linear):
     x_t, eps = linear.q_sample(x0.float(), t, generator=g)
     slope = torch.cov(torch.stack([x_t.flatten().double(), eps.flatten().double()]))
     slope = slope[0, 1] / slope[0, 0]
-    model = diffusion.gaussian_eps_predictor(linear, mu, sigma_data)
+    model = gaussian_eps_predictor(linear, mu, sigma_data)
     pred = model(torch.tensor([[0.0], [1.0]]), torch.tensor([t, t]))
     assert (pred[1] - pred[0]).item() == pytest.approx(slope.item(), rel=0.02)
     with pytest.raises(ValueError):
-        diffusion.gaussian_eps_predictor(linear, 0.0, 0.0)
+        gaussian_eps_predictor(linear, 0.0, 0.0)
 
 
 def test_loss_simple_refuses_a_model_output_of_another_shape(linear, gen):
@@ -142,11 +144,11 @@ def test_loss_simple_refuses_a_model_output_of_another_shape(linear, gen):
     x0 = torch.rand(3, 1, 4, 4, generator=gen) * 2 - 1
     t, eps = torch.tensor([5, 50, 500]), torch.randn(3, 1, 4, 4, generator=gen)
     with pytest.raises(ValueError, match=r"eps shaped like x_t, \(3, 1, 4, 4\); got \(3, 1, 1, 1"):
-        diffusion.loss_simple(lambda x_t, tt: x_t.mean((2, 3), keepdim=True), linear, x0, t, eps)
+        loss_simple(lambda x_t, tt: x_t.mean((2, 3), keepdim=True), linear, x0, t, eps)
     with pytest.raises(ValueError, match="eps .the noise added to x0. must be a tensor"):
-        diffusion.loss_simple(lambda x_t, tt: x_t, linear, x0, t, None)
+        loss_simple(lambda x_t, tt: x_t, linear, x0, t, None)
     with pytest.raises(ValueError, match="standard deviation sigma_data must be a finite real number"):
-        diffusion.gaussian_eps_predictor(linear, 0.0, "0.5")
+        gaussian_eps_predictor(linear, 0.0, "0.5")
 
 
 def test_gaussian_mixture_eps_predictor_is_the_posterior_mean_of_eps():
@@ -154,7 +156,7 @@ def test_gaussian_mixture_eps_predictor_is_the_posterior_mean_of_eps():
     closed form; one component reduces to gaussian_eps_predictor; the score relation."""
     import math
     from ddpm_lib import NoiseSchedule
-    from ddpm_lib.diffusion import gaussian_eps_predictor, gaussian_mixture_eps_predictor
+    from ddpm_lib.analytic import gaussian_mixture_eps_predictor
     schedule = NoiseSchedule.linear(T=1000)
     means, stds, weights = [-0.6, 0.5], [0.15, 0.3], [0.3, 0.7]
     mixture = gaussian_mixture_eps_predictor(schedule, means, stds, weights)

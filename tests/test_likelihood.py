@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from ddpm_lib import NoiseSchedule, diffusion, likelihood
+from ddpm_lib import NoiseSchedule, analytic, diffusion, likelihood
 
 PIXELS = torch.arange(256, dtype=torch.float64) / 127.5 - 1     # the 256 values of an 8-bit pixel
 
@@ -73,7 +73,7 @@ def test_kl_terms_on_gaussian_data_match_their_closed_form(sigma):
     c = sqrt(alpha_bar_prev) beta / (1 - alpha_bar), Var(x0 | x_t) = s^2 (1 - ab) / (ab s^2 + 1 - ab)."""
     mu, s, T, n, D = 0.2, 0.5, 100, 20_000, 4
     schedule = NoiseSchedule.linear(T=T, beta_end=0.2)
-    model = diffusion.gaussian_eps_predictor(schedule, mu, s)
+    model = analytic.gaussian_eps_predictor(schedule, mu, s)
     gen = torch.Generator().manual_seed(2)
     for t_index in (1, 10, 60):
         x0 = mu + s * torch.randn(n, 1, 1, D, generator=gen, dtype=torch.float64)
@@ -93,7 +93,7 @@ def test_kl_terms_on_gaussian_data_match_their_closed_form(sigma):
 def test_stratified_estimate_is_unbiased():
     """Averaged over draws, the stratified sum equals the full sum over t = 1..T-1."""
     schedule = NoiseSchedule.linear(T=40, beta_end=0.3)
-    model = diffusion.gaussian_eps_predictor(schedule, 0.0, 0.5)
+    model = analytic.gaussian_eps_predictor(schedule, 0.0, 0.5)
     gen = torch.Generator().manual_seed(3)
     x0 = (torch.randint(0, 256, (1, 1, 2, 2), generator=gen).double() / 127.5 - 1).expand(4000, 1, 2, 2)
     x0 = x0.contiguous()
@@ -108,7 +108,7 @@ def test_stratified_estimate_is_unbiased():
 
 def test_nll_bound_rejects_what_it_cannot_bound():
     schedule = NoiseSchedule.linear(T=10)
-    model = diffusion.gaussian_eps_predictor(schedule, 0.0, 0.5)
+    model = analytic.gaussian_eps_predictor(schedule, 0.0, 0.5)
     with pytest.raises(ValueError, match="8-bit"):
         likelihood.nll_bound(model, schedule, torch.full((2, 1, 2, 2), 0.1234))
     good = torch.zeros(2, 1, 2, 2) + 1 / 127.5 - 1

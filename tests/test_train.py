@@ -10,9 +10,11 @@ import torch.nn.functional as F
 
 from ddpm_lib import NoiseSchedule, diffusion
 from ddpm_lib.checks import check_values, trusted_inputs
-from ddpm_lib.data import load
 from ddpm_lib.io import CheckpointBusy
-from ddpm_lib.train import EMA, TrainConfig, _resolve_fast_path, load_checkpoint, save_checkpoint, train
+from ddpm_lib import train as train_module
+from ddpm_lib.accel import fast_path
+from ddpm_lib.io import load_checkpoint, save_checkpoint
+from ddpm_lib.train import EMA, TrainConfig, loss_simple, train
 from ddpm_lib.unet import UNet
 
 
@@ -21,14 +23,8 @@ def small_unet(**kw):
     return UNet(base_channels=16, channel_mults=(1, 2), num_res_blocks=1, attention_resolutions=(14,), **kw)
 
 
-@pytest.fixture(scope="module")
-def fashion():
-    images, labels = load("fashion_mnist", "train", limit=256)
-    return images, labels
-
-
 def test_training_lowers_the_loss(fashion):
-    images, _ = fashion
+    images = fashion.train[:256]
     schedule = NoiseSchedule.linear()
     result = train(small_unet(dropout=0.0), schedule, images, steps=60, batch_size=32, lr=2e-3,
                    log_every=10, progress=False)
@@ -42,7 +38,7 @@ def test_training_lowers_the_loss(fashion):
 
 
 def test_resume_matches_uninterrupted_run(fashion, tmp_path):
-    images, labels = fashion
+    images, labels = fashion.train[:256], fashion.train_labels[:256]
     schedule = NoiseSchedule.linear(T=100)
     kw = dict(batch_size=8, lr=1e-3, log_every=2, progress=False, ema_decay=0.9)
     straight = train(small_unet(dropout=0.1), schedule, images, steps=8, **kw)
@@ -65,15 +61,14 @@ def test_resume_matches_uninterrupted_run(fashion, tmp_path):
 
 
 def test_class_conditional_training_runs(fashion, monkeypatch):
-    images, labels = fashion
+    images, labels = fashion.train[:256], fashion.train_labels[:256]
     seen = []
 
     def recording_loss(model, schedule, x0, t, eps, y=None, **kw):
         seen.append(y.clone())
         return loss_simple(model, schedule, x0, t, eps, y=y, **kw)
 
-    loss_simple = diffusion.loss_simple
-    monkeypatch.setattr(diffusion, "loss_simple", recording_loss)
+    monkeypatch.setattr(train_module, "loss_simple", recording_loss)
     result = train(small_unet(num_classes=10), NoiseSchedule.linear(T=100), images, labels=labels, steps=20,
                    batch_size=8, label_dropout=0.5, progress=False)
     assert result.step == 20
@@ -122,7 +117,7 @@ def test_ema_warmup():
 
 
 def test_bad_training_input(fashion):
-    images, labels = fashion
+    images, labels = fashion.train[:256], fashion.train_labels[:256]
     sched = NoiseSchedule.linear(T=10)
     with pytest.raises(ValueError, match=r"\[-1, 1\]"):
         train(small_unet(), sched, (images + 1) * 127.5, steps=1, progress=False)
@@ -142,11 +137,13 @@ def test_bad_training_input(fashion):
 def test_fast_path_follows_the_plain_loss_curve(fashion):
     """bf16 autocast + channels_last + torch.compile train like float32 eager (on the CPU here;
     the GPU comparison is in the benchmark). Same seed, so the same batches, t and noise."""
-    images, _ = fashion
+    images = fashion.train[:256]
     schedule = NoiseSchedule.linear()
     kw = dict(steps=40, batch_size=16, lr=2e-3, log_every=10, progress=False, seed=3)
-    plain = train(small_unet(dropout=0.0), schedule, images, bf16=False, channels_last=False, compile=False, **kw)
-    fast = train(small_unet(dropout=0.0), schedule, images, bf16=True, channels_last=True, compile="default", **kw)
+    plain = train(small_unet(dropout=0.0), schedule, images, precision="fp32", channels_last=False,
+                  compile=False, **kw)
+    fast = train(small_unet(dropout=0.0), schedule, images, precision="bf16", channels_last=True,
+                 compile="default", **kw)
     a, b = torch.tensor(plain.history["loss"]), torch.tensor(fast.history["loss"])
     assert b[-1] < 0.6 * b[0]                                  # the fast path learns
     # bf16 rounds every activation, and after a few steps the two runs' weights differ, so
@@ -158,7 +155,7 @@ def test_fast_path_follows_the_plain_loss_curve(fashion):
 
 
 def test_callback_stops_training(fashion):
-    images, _ = fashion
+    images = fashion.train[:256]
     seen = []
     result = train(small_unet(), NoiseSchedule.linear(T=10), images, steps=50, batch_size=4, progress=False,
                    callback=lambda step, model, ema: seen.append(step) or step == 3)
@@ -168,25 +165,29 @@ def test_callback_stops_training(fashion):
 def test_fast_path_settings_are_checked():
     with pytest.raises(ValueError, match="compile"):
         TrainConfig(compile="fastest")
-    with pytest.raises(ValueError, match="one of them"):
-        TrainConfig(bf16=True, fp16=True)
+    with pytest.raises(ValueError, match=r"precision must be one of \('auto', 'fp32', 'bf16', 'fp16'\)"):
+        TrainConfig(precision="fp64")
 
 
-@pytest.mark.parametrize("capability, settings, expected", [
-    ((9, 0), {}, dict(bf16=True, fp16=False)),                    # H100: bf16
-    ((8, 0), {}, dict(bf16=True, fp16=False)),                    # A100
-    ((7, 5), {}, dict(bf16=False, fp16=True)),                    # T4: no bf16, so fp16 + loss scaling
-    ((7, 5), dict(bf16=False), dict(bf16=False, fp16=False)),     # bf16 turned off: float32
-    ((9, 0), dict(fp16=True), dict(bf16=False, fp16=True)),       # asked for fp16
-    ((9, 0), dict(bf16=False), dict(bf16=False, fp16=False)),
+@pytest.mark.parametrize("capability, precision, expected", [
+    ((9, 0), "auto", "bf16"),          # H100: bf16
+    ((8, 0), "auto", "bf16"),          # A100
+    ((7, 5), "auto", "fp16"),          # T4: no bf16, so fp16 + loss scaling
+    ((7, 5), "fp32", "fp32"),          # asked for float32
+    ((9, 0), "fp16", "fp16"),          # asked for fp16
+    ((9, 0), "fp32", "fp32"),
 ])
-def test_mixed_precision_defaults_by_gpu(monkeypatch, capability, settings, expected):
+def test_mixed_precision_defaults_by_gpu(monkeypatch, capability, precision, expected):
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
-    fast = _resolve_fast_path(TrainConfig(**settings), torch.device("cuda", 0))
-    assert {k: fast[k] for k in expected} == expected
-    assert fast["channels_last"] and fast["data_on_device"] and fast["compile"] == "reduce-overhead"
-    on_cpu = _resolve_fast_path(TrainConfig(), torch.device("cpu"))
-    assert not any(on_cpu.values())                               # all off on a CPU
+    settings = dict(channels_last=None, compile=None, data_on_device=None)
+    fast = fast_path(precision, **settings, device=torch.device("cuda", 0))
+    assert fast.precision == expected
+    assert fast.channels_last and fast.data_on_device and fast.compile == "reduce-overhead"
+    on_cpu = fast_path("auto", **settings, device=torch.device("cpu"))
+    assert on_cpu.precision == "fp32"                             # all off on a CPU
+    assert not (on_cpu.channels_last or on_cpu.compile or on_cpu.data_on_device)
+    cpu = torch.device("cpu")                                     # loss scaling for fp16 only
+    assert fast_path(expected, **settings, device=cpu).grad_scaler(cpu).is_enabled() == (expected == "fp16")
 
 
 def tiny_unet():
@@ -197,15 +198,15 @@ def tiny_unet():
 @pytest.fixture(scope="module")
 def small_images(fashion):
     # 12x12 crops of 2x-downsampled images: fp16 convolutions are slow on a CPU
-    return F.avg_pool2d(fashion[0], 2)[:, :, 1:13, 1:13].contiguous()
+    return F.avg_pool2d(fashion.train[:256], 2)[:, :, 1:13, 1:13].contiguous()
 
 
 def test_fp16_with_loss_scaling_follows_the_float32_curve(small_images):
     """fp16 autocast + GradScaler (the default on GPUs without bf16) trains like float32."""
     schedule = NoiseSchedule.linear()
     kw = dict(steps=60, batch_size=16, lr=3e-3, log_every=10, progress=False, seed=3)
-    plain = train(tiny_unet(), schedule, small_images, bf16=False, **kw)
-    half = train(tiny_unet(), schedule, small_images, fp16=True, **kw)
+    plain = train(tiny_unet(), schedule, small_images, precision="fp32", **kw)
+    half = train(tiny_unet(), schedule, small_images, precision="fp16", **kw)
     a, b = torch.tensor(plain.history["loss"]), torch.tensor(half.history["loss"])
     assert b[-1] < 0.5 * b[0]
     assert ((a - b).abs() / a).max() < 0.01, (a, b)                # measured: under 0.1%
@@ -218,7 +219,7 @@ def test_fp16_resume_restores_the_loss_scale(small_images, tmp_path, monkeypatch
     continue with the reduced scale; starting over at 2^20 would skip steps again."""
     monkeypatch.setattr(torch.amp, "GradScaler", functools.partial(torch.amp.GradScaler, init_scale=2.0 ** 20))
     schedule = NoiseSchedule.linear(T=100)
-    kw = dict(batch_size=8, lr=1e-3, log_every=2, progress=False, fp16=True)
+    kw = dict(batch_size=8, lr=1e-3, log_every=2, progress=False, precision="fp16")
     straight = train(tiny_unet(), schedule, small_images, steps=10, **kw)
     ckpt = tmp_path / "run.pt"
     train(tiny_unet(), schedule, small_images, steps=6, checkpoint=ckpt, **kw)
@@ -232,7 +233,7 @@ def test_fp16_resume_restores_the_loss_scale(small_images, tmp_path, monkeypatch
 
 
 def test_horizontal_flips(fashion, monkeypatch):
-    images = fashion[0][:1]                     # one image, not left-right symmetric
+    images = fashion.train[:1]                     # one image, not left-right symmetric
     assert not torch.equal(images, images.flip(-1))
     seen = []
 
@@ -240,8 +241,7 @@ def test_horizontal_flips(fashion, monkeypatch):
         seen.append(x0.clone())
         return loss_simple(model, schedule, x0, *args, **kw)
 
-    loss_simple = diffusion.loss_simple
-    monkeypatch.setattr(diffusion, "loss_simple", recording_loss)
+    monkeypatch.setattr(train_module, "loss_simple", recording_loss)
     for hflip in (False, True):
         seen.clear()
         train(small_unet(), NoiseSchedule.linear(T=10), images, steps=4, batch_size=16, progress=False, hflip=hflip)
@@ -256,7 +256,7 @@ def test_no_host_reads_inside_the_training_loop(fashion, monkeypatch):
     each read would wait for the queued work (a synchronisation). Counted here on the CPU by
     wrapping the ways Python reads a tensor value. (The CPU's AdamW reads its step counters;
     the fused AdamW that train() uses on a GPU does not, so only ddpm_lib's reads count.)"""
-    images, labels = fashion
+    images, labels = fashion.train[:256], fashion.train_labels[:256]
     reads = [0]
     package = os.path.dirname(diffusion.__file__)
 
@@ -307,7 +307,7 @@ def weights_give_finite_loss(weights: dict) -> bool:
     x0 = torch.rand((4, 1, 12, 12), generator=torch.Generator().manual_seed(1)) * 2 - 1
     t = torch.tensor([0, 5, 10, 19])
     with torch.no_grad():
-        loss = diffusion.loss_simple(model, NoiseSchedule.linear(T=20), x0, t, torch.randn_like(x0))
+        loss = loss_simple(model, NoiseSchedule.linear(T=20), x0, t, torch.randn_like(x0))
     return bool(torch.isfinite(loss))
 
 
@@ -346,14 +346,14 @@ def test_the_nan_loss_message_names_the_last_good_checkpoint(small_images, tmp_p
     ckpt = tmp_path / "run.pt"
     kw = dict(batch_size=8, log_every=1, checkpoint_every=2, progress=False)
     train(tiny_unet(), NoiseSchedule.linear(T=20), small_images, steps=2, checkpoint=ckpt, **kw)
-    loss_simple, calls = diffusion.loss_simple, [0]
+    calls = [0]
 
     def nan_at_third_step(model, schedule, x0, t, eps, y=None, reduction="mean"):
         calls[0] += reduction == "none"                 # the training steps', not the checks'
         per_image = loss_simple(model, schedule, x0, t, eps, y=y, reduction=reduction)
         return per_image * float("nan") if calls[0] == 1 and reduction == "none" else per_image
 
-    monkeypatch.setattr(diffusion, "loss_simple", nan_at_third_step)
+    monkeypatch.setattr(train_module, "loss_simple", nan_at_third_step)
     message = (r"loss became nan at step 3; the last good checkpoint is step 2 in "
                + re.escape(str(ckpt)))
     with pytest.raises(FloatingPointError, match=message):
@@ -415,7 +415,7 @@ def test_resume_with_other_settings_is_refused_before_any_step(small_images, tmp
     assert steps_run == [] and load_checkpoint(ckpt)["step"] == 2
     # what may change on resume: steps, lr, warm-up, clipping, logging, the fast-path switches
     result = resume(lr=1e-4, warmup_steps=3, grad_clip=None, log_every=1, checkpoint_every=1,
-                    bf16=False, channels_last=True)
+                    precision="fp32", channels_last=True)
     assert result.resumed_from == 2 and steps_run == [3]
 
 
