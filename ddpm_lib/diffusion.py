@@ -18,12 +18,7 @@ or anything that broadcasts against the images.
 """
 from __future__ import annotations
 
-import math
-
 import torch
-import torch.nn.functional as F
-
-from .checks import real
 
 Tensor = torch.Tensor
 

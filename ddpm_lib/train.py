@@ -25,8 +25,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .accel import (COMPILE_MODES, FastPath, check_precision, distributed_info, fast_path,
-                    summed_over_processes)
+from .accel import COMPILE_MODES, FastPath, check_precision, distributed_info, fast_path
 from .checks import training_data, trusted_inputs
 from .io import save_checkpoint
 from .ema import EMA

@@ -39,6 +39,17 @@ def book_build(tmp_path_factory):
     shutil.rmtree(out, ignore_errors=True)
 
 
+def tiny_unet(seed: int = 0, **overrides):
+    """The one small U-Net of the tests, built from seed ``seed``: 8 base channels, two
+    levels, one residual block, no attention, no dropout; ``overrides`` change any of them
+    (``base_channels=16``, ``attention_resolutions=(14,)``, ``num_classes=10``, ...)."""
+    from ddpm_lib.unet import UNet
+    torch.manual_seed(seed)
+    config = dict(base_channels=8, channel_mults=(1, 2), num_res_blocks=1, attention_resolutions=(),
+                  dropout=0.0)
+    return UNet(**{**config, **overrides})
+
+
 def _write_idx(path, array):
     """A uint8 array in the IDX format of MNIST (gzipped when the name ends in .gz)."""
     import gzip

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import tiny_unet
 from ddpm_lib.data import DATASETS
 from ddpm_lib.pretrained import load_pretrained, load_weights
 
@@ -90,9 +91,7 @@ def test_benchmark_variants_without_bf16(monkeypatch, capability, expected):
 def test_save_weights_round_trip(tmp_path):
     from ddpm_lib import NoiseSchedule
     from ddpm_lib.pretrained import save_weights, sha256
-    from ddpm_lib.unet import UNet
-    torch.manual_seed(0)
-    model = UNet(base_channels=16, channel_mults=(1, 2), num_res_blocks=1, attention_resolutions=())
+    model = tiny_unet(base_channels=16)
     schedule = NoiseSchedule.cosine(T=40)
     path = tmp_path / "w.pt"
     digest = save_weights(model, schedule, path, {"step": 7})
@@ -175,10 +174,8 @@ def test_wrong_or_unreadable_files_are_named(tmp_path, capsys):
     from ddpm_lib import NoiseSchedule
     from ddpm_lib.io import save_checkpoint
     from ddpm_lib.pretrained import save_weights
-    from ddpm_lib.unet import UNet
-    torch.manual_seed(0)
     weights, checkpoint = tmp_path / "w.pt", tmp_path / "run.pt"
-    net = UNet(base_channels=8, channel_mults=(1, 2), num_res_blocks=1, attention_resolutions=())
+    net = tiny_unet()
     save_weights(net, NoiseSchedule.linear(T=10), weights)
     save_checkpoint({"model": {}, "ema": {}, "optimizer": {}, "step": 1, "config": {}}, checkpoint)
     bad = tmp_path / "bad.pt"

@@ -10,11 +10,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import tiny_unet
 from ddpm_lib import NoiseSchedule
 from ddpm_lib.io import (CheckpointBusy, acquire_lock, checkpoint_lock, file_kind, load_checkpoint,
                          load_verified, lock_path, release_lock, save_checkpoint, sha256)
 from ddpm_lib.pretrained import load_weights, save_weights
-from ddpm_lib.unet import UNet
 
 
 def dead_pid() -> int:
@@ -95,8 +95,7 @@ def test_load_verified_checks_the_digest_first(tmp_path):
 
 
 def test_file_kinds_and_what_load_weights_says_of_the_wrong_one(tmp_path):
-    torch.manual_seed(0)
-    model = UNet(base_channels=8, channel_mults=(1, 2), num_res_blocks=1, attention_resolutions=())
+    model = tiny_unet()
     weights = tmp_path / "w.pt"
     save_weights(model, NoiseSchedule.linear(T=10), weights)
     checkpoint = tmp_path / "run.pt"

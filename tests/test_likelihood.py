@@ -4,6 +4,7 @@ import math
 import pytest
 import torch
 
+from conftest import tiny_unet
 from ddpm_lib import NoiseSchedule, analytic, diffusion, likelihood
 
 PIXELS = torch.arange(256, dtype=torch.float64) / 127.5 - 1     # the 256 values of an 8-bit pixel
@@ -138,10 +139,7 @@ def test_decoder_term_uses_the_predicted_clean_image():
 
 def test_nll_bound_of_a_float32_unet():
     """A real network takes float32 input: the bound must feed it x_t in the images' dtype."""
-    from ddpm_lib.unet import UNet
-    torch.manual_seed(0)
-    model = UNet(base_channels=8, channel_mults=(1, 2), num_res_blocks=1, attention_resolutions=(),
-                 image_size=8).eval()
+    model = tiny_unet(image_size=8).eval()
     schedule = NoiseSchedule.linear(T=20)
     x0 = torch.randint(0, 256, (3, 1, 8, 8), generator=torch.Generator().manual_seed(5)) / 127.5 - 1
     bound = likelihood.nll_bound(model, schedule, x0.float(), num_timesteps=4,

@@ -4,6 +4,7 @@ import math
 import pytest
 import torch
 
+from conftest import tiny_unet
 from ddpm_lib import NoiseSchedule
 from ddpm_lib.analytic import gaussian_eps_predictor
 from ddpm_lib.samplers import Trajectory, ddim_sample, ddim_timesteps, ddpm_sample
@@ -356,10 +357,7 @@ def test_guided_model_formula():
 
 
 def tiny_conditional_unet():
-    from ddpm_lib.unet import UNet
-    torch.manual_seed(0)
-    return UNet(in_channels=1, base_channels=16, channel_mults=(1, 2), num_res_blocks=1,
-                attention_resolutions=(4,), dropout=0.0, num_classes=3, image_size=8).eval()
+    return tiny_unet(base_channels=16, attention_resolutions=(4,), num_classes=3, image_size=8).eval()
 
 
 def test_guided_unet_batched_call_equals_two_calls():

@@ -8,19 +8,17 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from conftest import tiny_unet
 from ddpm_lib import NoiseSchedule, diffusion
-from ddpm_lib.checks import check_values, trusted_inputs
-from ddpm_lib.io import CheckpointBusy
 from ddpm_lib import train as train_module
 from ddpm_lib.accel import fast_path
-from ddpm_lib.io import load_checkpoint, save_checkpoint
+from ddpm_lib.checks import check_values, trusted_inputs
+from ddpm_lib.io import CheckpointBusy, load_checkpoint, save_checkpoint
 from ddpm_lib.train import EMA, TrainConfig, loss_simple, train
-from ddpm_lib.unet import UNet
 
 
-def small_unet(**kw):
-    torch.manual_seed(0)
-    return UNet(base_channels=16, channel_mults=(1, 2), num_res_blocks=1, attention_resolutions=(14,), **kw)
+# the tests' one U-Net factory, at 16 channels with attention at 14x14 and dropout 0.1
+small_unet = functools.partial(tiny_unet, base_channels=16, attention_resolutions=(14,), dropout=0.1)
 
 
 def test_training_lowers_the_loss(fashion):
@@ -38,7 +36,7 @@ def test_training_lowers_the_loss(fashion):
 
 
 def test_resume_matches_uninterrupted_run(fashion, tmp_path):
-    images, labels = fashion.train[:256], fashion.train_labels[:256]
+    images = fashion.train[:256]
     schedule = NoiseSchedule.linear(T=100)
     kw = dict(batch_size=8, lr=1e-3, log_every=2, progress=False, ema_decay=0.9)
     straight = train(small_unet(dropout=0.1), schedule, images, steps=8, **kw)
@@ -188,11 +186,6 @@ def test_mixed_precision_defaults_by_gpu(monkeypatch, capability, precision, exp
     assert not (on_cpu.channels_last or on_cpu.compile or on_cpu.data_on_device)
     cpu = torch.device("cpu")                                     # loss scaling for fp16 only
     assert fast_path(expected, **settings, device=cpu).grad_scaler(cpu).is_enabled() == (expected == "fp16")
-
-
-def tiny_unet():
-    torch.manual_seed(0)
-    return UNet(base_channels=8, channel_mults=(1, 2), num_res_blocks=1, attention_resolutions=(), dropout=0.0)
 
 
 @pytest.fixture(scope="module")
@@ -397,9 +390,7 @@ def test_resume_with_other_settings_is_refused_before_any_step(small_images, tmp
         resume(schedule=NoiseSchedule.cosine(T=20))
     with pytest.raises(ValueError, match="schedule: checkpoint T=20, .*this run T=30"):
         resume(schedule=NoiseSchedule.linear(T=30))
-    torch.manual_seed(0)
-    wider = UNet(base_channels=16, channel_mults=(1, 2), num_res_blocks=1, attention_resolutions=(),
-                 dropout=0.0)
+    wider = tiny_unet(base_channels=16)
     with pytest.raises(ValueError, match="network base_channels: checkpoint 8, this run 16"):
         resume(model=wider)
     # every difference at once, each with both values, and what to do
