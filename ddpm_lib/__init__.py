@@ -1,15 +1,15 @@
 """ddpm_lib: the small library behind the DDPM book.
 
-One module per idea, in the order data flows (no module imports a later one; a test reads
-the import graph from the source, tests/test_package_structure.py):
-``data`` -> ``diffusion`` (the equations) -> ``schedules`` (NoiseSchedule) -> ``analytic``
-(noise predictors with no error, for toy data) -> ``unet`` and ``autoencoder`` (the
-networks) -> ``accel`` (precision, compile, processes), ``runs`` (generators, optimiser step,
-checkpoint checks) and ``ema`` -> ``train`` -> ``samplers`` and ``guidance`` -> ``features``
-(images to features) -> ``metrics`` (the scores) -> ``viz``. ``io`` writes and reads files
-atomically, ``pretrained`` loads shipped weights, ``book`` sets up a chapter, ``checks`` says
-when value checks run, ``bench`` measures speed, and ``python -m ddpm_lib`` trains and
-samples from the command line.
+One module per idea, in the order data flows; no module imports a later one
+(tests/test_package_structure.py reads the import graph from the source and checks it):
+``checks`` and ``io`` (value checks, atomic files) -> ``data`` -> ``diffusion`` (the
+equations) -> ``schedules`` (NoiseSchedule) -> ``analytic`` (exact noise predictors for toy
+data) and ``likelihood`` (the bound in bits per dimension) -> ``unet`` -> ``accel``
+(precision, compile, processes), ``runs`` (generators, optimiser step, loss log, checkpoint
+checks) and ``ema`` -> ``autoencoder`` (the VAE and its training) -> ``pretrained`` (shipped
+weights) -> ``train`` -> ``guidance`` and ``samplers`` -> ``features`` (images to features)
+-> ``metrics`` (the scores) -> ``viz``; then ``book`` (a chapter's first cell), ``bench``
+(speed) and ``python -m ddpm_lib`` (train and sample from the command line).
 """
 __version__ = "0.1.0"
 

@@ -7,14 +7,14 @@ One setting says which arithmetic a run uses, ``precision``:
 
 * ``"fp32"``: everything in float32.
 * ``"bf16"``: matrix products and convolutions in bfloat16 under autocast (GroupNorm, softmax
-  and the loss stay float32). Needs a GPU of compute capability 8 or newer (A100, L4, H100).
+  and the loss stay float32). Fast on GPUs of compute capability 8 or newer (A100, L4,
+  H100); CPUs compute it too.
 * ``"fp16"``: the same in float16, with a loss scale (``torch.amp.GradScaler``) so that small
   gradients do not round to zero. For GPUs without bf16 (T4, V100).
 * ``"auto"``: bf16 where the GPU has it, fp16 on other CUDA GPUs, fp32 on a CPU.
 """
 from __future__ import annotations
 
-import contextlib
 import os
 from dataclasses import dataclass
 
@@ -66,11 +66,10 @@ class FastPath:
     data_on_device: bool
 
     def autocast(self, device: torch.device):
-        """The autocast context of this precision (a no-op for fp32)."""
-        if self.precision == "fp32":
-            return contextlib.nullcontext()
+        """The autocast context of this precision; for fp32 one that turns autocast off (so
+        an enclosing autocast does not reach the loss)."""
         dtype = torch.bfloat16 if self.precision == "bf16" else torch.float16
-        return torch.autocast(device.type, dtype=dtype)
+        return torch.autocast(device.type, dtype=dtype, enabled=self.precision != "fp32")
 
     def grad_scaler(self, device: torch.device) -> torch.amp.GradScaler:
         """fp16 loss scaling: the loss is multiplied by a large factor before backward, steps

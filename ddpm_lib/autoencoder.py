@@ -51,6 +51,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from .checks import integer, training_data
 from .io import load_verified, save_checkpoint, sha256
 from .runs import (Generators, hold_checkpoint, optimizer_step, read_resumable, resume_differences,
                    unusable_weights)
@@ -58,7 +59,7 @@ from .unet import UNet, _groups
 
 Tensor = torch.Tensor
 
-FORMAT = "ddpm_lib.autoencoder.VAE/1"
+FORMAT, CHECKPOINT_FORMAT = "ddpm_lib.autoencoder.VAE/1", "ddpm_lib.autoencoder.train_autoencoder/1"
 
 
 class AEBlock(nn.Module):
@@ -249,8 +250,7 @@ def vae_loss(vae: VAE, x: Tensor, kl_weight: float = 1e-4, reconstruction: str =
     return {"loss": rec + kl_weight * kl, "rec": rec, "kl": kl}
 
 
-# What a resumed VAE run must share with its checkpoint (besides the network and the number of
-# images): the settings that decide which batches and noise are drawn and what is optimised
+# what a resumed VAE run shares with its checkpoint, besides the network and the image count
 VAE_RESUME_MUST_MATCH = ("seed", "batch_size", "kl_weight", "reconstruction", "weight_decay")
 
 
@@ -272,10 +272,8 @@ def train_autoencoder(vae: VAE, images: Tensor, steps: int = 2000, batch_size: i
 
     Returns the history: ``{"step": [...], "loss": [...], "rec": [...], "kl": [...]}``
     (averages over each ``log_every`` steps), and ``"scale_factor"``."""
-    if not isinstance(images, torch.Tensor) or images.ndim != 4 or images.shape[0] == 0:
-        raise ValueError("images must be a non-empty tensor of shape (N, C, H, W)")
-    if not (isinstance(steps, int) and steps >= 1 and isinstance(batch_size, int) and batch_size >= 1):
-        raise ValueError(f"steps and batch_size must be positive integers, got {steps!r}, {batch_size!r}")
+    training_data(images, None, None, check_range=False)
+    steps, batch_size = integer("steps", steps, minimum=1), integer("batch_size", batch_size, minimum=1)
     vae._check_images(images[:1])
     settings = dict(seed=seed, batch_size=batch_size, kl_weight=kl_weight, reconstruction=reconstruction,
                     weight_decay=weight_decay, lr=lr, steps=steps, grad_clip=grad_clip)
@@ -283,18 +281,18 @@ def train_autoencoder(vae: VAE, images: Tensor, steps: int = 2000, batch_size: i
     vae.to(device).train()
     gens = Generators.seeded(seed, device)         # cpu: which images; noise: the latent noise
     optimizer = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=weight_decay)
-    history = {"step": [], "loss": [], "rec": [], "kl": []}
-    running, step = {"loss": [], "rec": [], "kl": []}, 0
+    history, running, step = {"step": [], "loss": [], "rec": [], "kl": []}, {"loss": [], "rec": [], "kl": []}, 0
     probe = images[:4].to(device)
 
-    def probe_loss(net):       # a fixed batch and fixed noise: the training's streams untouched
+    def loss_on_probe(net):    # a fixed batch and fixed noise: the training's streams untouched
         return vae_loss(net, probe, kl_weight, reconstruction, torch.Generator(device).manual_seed(0))["loss"]
 
     def save():
-        problem = unusable_weights({"the VAE": vae}, optimizer, probe_loss, device)
+        problem = unusable_weights({"the VAE": vae}, optimizer, loss_on_probe, device)
         if problem:
-            raise FloatingPointError(f"after step {step} {problem}: {checkpoint} was not overwritten; lower lr")
-        save_checkpoint({"model": vae.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
+            raise FloatingPointError(f"after step {step} {problem}: {checkpoint} was not overwritten; "
+                                     f"resume from its last good state with a lower lr (now {lr})")
+        save_checkpoint({"format": CHECKPOINT_FORMAT, "model": vae.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
                          "history": history, "running": running, "rng": gens.state_dict(), "config": settings,
                          "model_config": dict(vae.config), "num_images": images.shape[0]}, checkpoint)
 
@@ -306,6 +304,8 @@ def train_autoencoder(vae: VAE, images: Tensor, steps: int = 2000, batch_size: i
             optimizer.load_state_dict(state["optimizer"])
             history, running, step = state["history"], state["running"], state["step"]
             gens.load_state_dict(state["rng"])
+            if problem := unusable_weights({"the VAE": vae}, optimizer, loss_on_probe, device):
+                raise ValueError(f"{checkpoint} (step {step}) cannot be resumed: {problem}")
         for step in tqdm(range(step + 1, steps + 1), desc="VAE", disable=not progress):
             idx = torch.randint(images.shape[0], (batch_size,), generator=gens.cpu)
             terms = vae_loss(vae, images[idx].to(device), kl_weight, reconstruction, generator=gens.noise)

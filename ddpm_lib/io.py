@@ -231,8 +231,10 @@ def file_kind(blob) -> str:
     use it to refuse a file of another kind (chapter 5, "A simulated disconnect")."""
     if not isinstance(blob, dict):
         return "unknown"
-    if {"model", "optimizer", "step"} <= blob.keys():
-        return "checkpoint" if "ema" in blob else "vae_checkpoint"
+    if str(blob.get("format", "")).startswith("ddpm_lib.autoencoder.train_autoencoder"):
+        return "vae_checkpoint"
+    if {"model", "ema", "optimizer", "step"} <= blob.keys():
+        return "checkpoint"
     if {"state_dict", "model_config", "betas"} <= blob.keys():
         return "weights"
     if str(blob.get("format", "")).startswith("ddpm_lib.autoencoder.VAE"):

@@ -96,7 +96,7 @@ def optimizer_step(loss: Tensor, optimizer, scaler, parameters, grad_clip: float
 
 class LossLog:
     """The losses of a run: kept on the device between logged steps (no host reads), moved
-    to ``history`` (see :class:`TrainResult`) by :meth:`flush`. Under DDP the losses are
+    to ``history`` (see :class:`ddpm_lib.train.TrainResult`) by :meth:`flush`. Under DDP the losses are
     averaged and the per-timestep sums summed over the processes.
     Taught in chapter 5, "Clipping, mixed precision, progress and history", and chapter 11,
     "No synchronisation with the host" (``ch11-sync``)."""
@@ -255,9 +255,10 @@ def probe_loss(loss: Callable[[torch.nn.Module], Tensor], net: torch.nn.Module) 
 
 
 def unusable_weights(nets: dict[str, torch.nn.Module], optimizer,
-                     loss: Callable[[torch.nn.Module], Tensor], device) -> str | None:
+                     loss_on_probe: Callable[[torch.nn.Module], Tensor], device) -> str | None:
     """Why the state of a run is not worth a checkpoint (non-finite weights or optimiser
-    state, or a non-finite ``loss`` on a fixed batch for one of ``nets``, by name), or None
+    state, or a non-finite ``loss_on_probe(net)``, the loss on a fixed batch, for one of
+    ``nets``, by name), or None
     when it is. Reads the device: call it only where a checkpoint is saved or loaded.
     Used in chapter 5, "Checkpoints, Google Drive and resuming" (``ch05-checkpoints``)."""
     optimizer_state = [v for per_parameter in optimizer.state.values()
@@ -267,7 +268,7 @@ def unusable_weights(nets: dict[str, torch.nn.Module], optimizer,
         if not _all_finite(list(tensors), device):
             return f"{what} hold NaN or infinite values"
     for name, net in nets.items():
-        value = probe_loss(loss, net)
+        value = probe_loss(loss_on_probe, net)
         if not math.isfinite(value):
             return (f"{name}'s weights are finite (largest |w| {_largest_weight(net):.3g}) but "
                     f"give a {value} loss on a fixed batch")

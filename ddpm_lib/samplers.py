@@ -4,11 +4,13 @@ A model is any callable ``(x_t, t) -> output``: x_t (B, C, H, W), t a (B,) long 
 0-based timesteps, the output the predicted noise eps (or x0, or v: ``prediction=``). A sampler is
 
 * a **timestep grid** descending from T-1 to 0, :func:`resolve_timesteps`;
-* a **step function** ``step(schedule, x_t, t, t_prev, eps, x0_hat, *, state, generator,
-  **options) -> StepOutput``, from x at timestep t to x at ``t_prev``, the next timestep of
-  the grid (-1 after the last one: clean data, alpha_bar = 1). ``eps`` and ``x0_hat`` are
-  the model's prediction at t; ``state``, a dict kept over one run, is a multistep
-  method's memory: :func:`ddpm_step`, :func:`ddim_step`, :func:`dpm_solver_2m_step`;
+* a **step function** ``step(schedule, x_t, t, t_prev, eps, x0_hat, *, state, denoise,
+  generator, **options) -> StepOutput``, from x at timestep t to x at ``t_prev``, the next
+  timestep of the grid (-1 after the last one: clean data, alpha_bar = 1). ``eps`` and
+  ``x0_hat`` are the model's prediction at t; ``state``, a dict kept over one run, is a
+  multistep method's memory; ``denoise(x, t) -> (eps, x0_hat)`` calls the model again, for
+  methods with several evaluations per step (Heun): :func:`ddpm_step`, :func:`ddim_step`,
+  :func:`dpm_solver_2m_step`;
 * an entry of :data:`SAMPLERS`: the step function, its default grid and its options.
 
 :func:`sample` is the one loop: grid, one model call per timestep, conversion and clipping of
@@ -61,7 +63,7 @@ class Trajectory:
 class StepOutput:
     """What a step function returns: ``x_prev``, x at the next timestep of the grid (clean
     data after the last step), and ``x0_hat``, the step's estimate of the clean image (what
-    the trajectory records). Taught in chapter 6, section "The loop by hand"."""
+    the trajectory records). Taught in chapter 8, section "A zoo of solvers"."""
     x_prev: Tensor
     x0_hat: Tensor
 
@@ -151,7 +153,8 @@ def _alpha_bar(schedule, t: int) -> float:
     return float(schedule.float64("alpha_bars")[t]) if t >= 0 else 1.0
 
 
-def ddpm_step(schedule, x_t, t, t_prev, eps, x0_hat, *, state, generator=None, sigma="beta"):
+def ddpm_step(schedule, x_t, t, t_prev, eps, x0_hat, *, state, denoise=None, generator=None,
+              sigma="beta"):
     """One ancestral step (Ho et al. 2020, Algorithm 2, line 4)::
 
         x_{t-1} = 1/sqrt(alpha_t) (x_t - beta_t / sqrt(1 - alpha_bar_t) eps) + sigma_t z
@@ -172,7 +175,8 @@ def ddpm_step(schedule, x_t, t, t_prev, eps, x0_hat, *, state, generator=None, s
     return StepOutput(mean + math.sqrt(variance) * z, x0_hat)
 
 
-def ddim_step(schedule, x_t, t, t_prev, eps, x0_hat, *, state, generator=None, eta=0.0):
+def ddim_step(schedule, x_t, t, t_prev, eps, x0_hat, *, state, denoise=None, generator=None,
+              eta=0.0):
     """One DDIM step (Song et al. 2021, eq. 12)::
 
         x_prev = sqrt(alpha_bar_prev) x0_hat + sqrt(1 - alpha_bar_prev - sigma^2) eps + sigma z
@@ -191,7 +195,8 @@ def ddim_step(schedule, x_t, t, t_prev, eps, x0_hat, *, state, generator=None, e
     return StepOutput(x, x0_hat)
 
 
-def dpm_solver_2m_step(schedule, x_t, t, t_prev, eps, x0_hat, *, state, generator=None, order=2):
+def dpm_solver_2m_step(schedule, x_t, t, t_prev, eps, x0_hat, *, state, denoise=None,
+                       generator=None, order=2):
     """One step of DPM-Solver++(2M) (Lu et al. 2022, Algorithm 2), the deterministic
     sampling ODE solved in the data-prediction form. With ``a_t = sqrt(alpha_bar_t)``,
     ``b_t = sqrt(1 - alpha_bar_t)``, ``lambda_t = log(a_t / b_t)`` and
@@ -329,15 +334,17 @@ def sample(model, schedule, shape, *, sampler: str = "ddpm", steps: int | None =
     ``clip_x0`` clips x0_hat to [-1, 1] and re-derives eps (``False`` for data not in [-1, 1],
     e.g. latents). ``generator`` draws ``x_T`` when it is not given, then the steps' noise.
     ``trajectory``: a new :class:`Trajectory` to record x_t and x0_hat at each call.
-    Taught in chapter 6, section "The loop by hand", and chapter 8, section "A zoo of solvers".
+    Taught in chapter 8, section "A zoo of solvers" (the loop chapter 6 writes by hand in "The
+    loop by hand", with the update factored out into step functions).
     """
     if sampler not in SAMPLERS:
         raise ValueError(f"sampler must be one of {', '.join(sorted(SAMPLERS))}, got {sampler!r}")
     entry = SAMPLERS[sampler]
     unknown = sorted(set(options) - set(entry.options))
     if unknown:
+        hint = "; record a trajectory with trajectory=Trajectory()" if "return_trajectory" in unknown else ""
         raise ValueError(f"the {sampler} sampler has no option {', '.join(unknown)}; it takes "
-                         f"{', '.join(entry.options) or 'none'}")
+                         f"{', '.join(entry.options) or 'none'}{hint}")
     options = {**entry.options, **options}
     options = entry.check(options) if entry.check else options
     if prediction not in ("eps", "x0", "v"):
@@ -349,11 +356,16 @@ def sample(model, schedule, shape, *, sampler: str = "ddpm", steps: int | None =
         steps = entry.steps
     timesteps = resolve_timesteps(schedule, steps, spacing or entry.spacing, timesteps)
     state = {}
+
+    def denoise(x_at: Tensor, t_at: int) -> tuple[Tensor, Tensor]:     # one network call
+        t_batch = torch.full((x_at.shape[0],), t_at, device=x_at.device, dtype=torch.long)
+        return _denoise(model, schedule, x_at, t_batch, prediction, clip_x0)
+
     for i, t in enumerate(tqdm(timesteps, desc=entry.label, disable=not progress)):
         t_prev = timesteps[i + 1] if i + 1 < len(timesteps) else -1
-        t_batch = torch.full((x.shape[0],), t, device=x.device, dtype=torch.long)
-        eps, x0 = _denoise(model, schedule, x, t_batch, prediction, clip_x0)
-        out = entry.step(schedule, x, t, t_prev, eps, x0, state=state, generator=generator, **options)
+        eps, x0 = denoise(x, t)
+        out = entry.step(schedule, x, t, t_prev, eps, x0, state=state, denoise=denoise,
+                         generator=generator, **options)
         if trajectory is not None:
             trajectory.add(t, x, out.x0_hat)
         x = out.x_prev
@@ -366,12 +378,13 @@ def sample(model, schedule, shape, *, sampler: str = "ddpm", steps: int | None =
 # The names the chapters call
 # ----------------------------------------------------------------------------------------
 def ddpm_sample(model, schedule, shape, *, sigma: str = "beta", **kwargs) -> Tensor:
-    """Ancestral sampling (Ho et al. 2020, Algorithm 2) over all T timesteps, T-1 down to 0:
-    :func:`sample` with ``sampler="ddpm"`` (the update: :func:`ddpm_step`); ``kwargs`` are
-    :func:`sample`'s (``clip_x0``, ``generator``, ``x_T``, ``trajectory``, ...).
+    """Ancestral sampling (Ho et al. 2020, Algorithm 2) over all T timesteps: :func:`sample`
+    with ``sampler="ddpm"`` (:func:`ddpm_step`) and its ``kwargs`` (``x_T``, ``trajectory``...).
     Taught in chapter 6, sections "Algorithm 2, line by line" and "Samples from the trained
     network".
     """
+    if {"steps", "timesteps"} & kwargs.keys():    # a respaced DDPM is sample(sampler="ddpm", steps=k)
+        raise ValueError("ddpm_sample walks all T timesteps; for fewer, sample(..., sampler='ddpm', steps=...)")
     return sample(model, schedule, shape, sampler="ddpm", sigma=sigma, **kwargs)
 
 

@@ -185,12 +185,12 @@ class Run:
     resumed_from: int | None = None
     last_good: int | None = None     # the step of the last checkpoint known good
 
-    def probe_loss(self, net: torch.nn.Module) -> Tensor:
+    def loss_on_probe(self, net: torch.nn.Module) -> Tensor:
         return loss_simple(net, self.schedule, *self.probe)
 
     def unusable(self) -> str | None:
         return unusable_weights({"the model": self.model, "the EMA model": self.ema.model},
-                                self.optimizer, self.probe_loss, self.device)
+                                self.optimizer, self.loss_on_probe, self.device)
 
     def what_to_do(self) -> str:
         """Where to go on from after training diverged."""
@@ -351,6 +351,8 @@ def train(model: torch.nn.Module, schedule, images: Tensor, config: TrainConfig 
     each on its shard of the same global batch (:func:`draw_batch`); every process keeps the
     EMA, rank 0 alone writes checkpoints and holds the lock.
     """
+    if {"bf16", "fp16"} & overrides.keys():
+        raise ValueError("bf16 and fp16 are one setting now: precision='fp32', 'bf16', 'fp16' or 'auto'")
     config = TrainConfig(**{**(asdict(config) if config else {}), **overrides})
     training_data(images, labels, getattr(model, "num_classes", None), check_range)
     rank, world = distributed_info()
@@ -362,13 +364,16 @@ def train(model: torch.nn.Module, schedule, images: Tensor, config: TrainConfig 
         device = torch.device("cuda", torch.cuda.current_device())
     fast = fast_path(config.precision, config.channels_last, config.compile,
                      config.data_on_device, device)
-    schedule, images, labels = _place(model, schedule, images, labels, device, fast)
     with hold_checkpoint(checkpoint, device):
-        run = start(model, schedule, images, labels, config, checkpoint, device, fast)
+        state = None          # a checkpoint is checked before the model, data or RNG are touched
         if checkpoint is not None and resume and Path(checkpoint).exists():
             keys = [k for k in RESUME_MUST_MATCH if labels is not None or k != "label_dropout"]
-            resume_run(run, read_resumable(checkpoint, lambda state: resume_differences(
-                state, model, asdict(config), keys, images.shape[0], schedule.float64("betas"))))
+            state = read_resumable(checkpoint, lambda saved: resume_differences(
+                saved, model, asdict(config), keys, images.shape[0], schedule.float64("betas")))
+        schedule, images, labels = _place(model, schedule, images, labels, device, fast)
+        run = start(model, schedule, images, labels, config, checkpoint, device, fast)
+        if state is not None:
+            resume_run(run, state)
         per_image_loss = loss_function(model, schedule, fast, device)
         model.train()
         bar = tqdm(total=config.steps, initial=run.step, desc="train",

@@ -6,18 +6,16 @@ import sys
 
 import torch
 
+from conftest import tiny_unet
 from ddpm_lib import NoiseSchedule
 from ddpm_lib.accel import distributed_info, init_distributed
 from ddpm_lib.train import train
-from ddpm_lib.unet import UNet
 
 
 def tiny_problem():
     g = torch.Generator().manual_seed(0)
     images = torch.rand((64, 1, 8, 8), generator=g) * 2 - 1
-    torch.manual_seed(0)
-    model = UNet(base_channels=8, channel_mults=(1, 2), num_res_blocks=1, attention_resolutions=(4,),
-                 dropout=0.0, image_size=8)
+    model = tiny_unet(attention_resolutions=(4,), image_size=8)
     config = dict(batch_size=8, lr=1e-3, ema_decay=0.9, log_every=1, checkpoint_every=2, progress=False)
     return model, NoiseSchedule.linear(T=50), images, config
 

@@ -84,6 +84,19 @@ def test_imports_flow_one_way():
     assert cycle is None, "ddpm_lib's imports go round: " + " -> ".join(cycle)
 
 
+# the order data flows in (ddpm_lib/__init__.py and DESIGN.md say it in words)
+ORDER = ["checks", "io", "data", "diffusion", "schedules", "analytic", "likelihood", "unet",
+         "accel", "runs", "ema", "autoencoder", "pretrained", "train", "guidance", "samplers",
+         "features", "metrics", "viz", "__init__", "book", "bench", "__main__"]
+
+
+def test_no_module_imports_a_later_one():
+    assert sorted(ORDER) == sorted(MODULES), "a module is missing from ORDER: place it in the flow"
+    later = [f"{module} imports {target}" for module, targets in import_graph().items()
+             for target in targets if ORDER.index(target) > ORDER.index(module)]
+    assert not later, "imports against the flow:\n" + "\n".join(later)
+
+
 def test_no_function_local_import_of_ddpm_lib():
     """An import inside a function can hide a cycle from the module-level graph (the old
     autoencoder <-> pretrained one did). Optional third-party packages may still be imported

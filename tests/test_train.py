@@ -410,6 +410,23 @@ def test_resume_with_other_settings_is_refused_before_any_step(small_images, tmp
     assert result.resumed_from == 2 and steps_run == [3]
 
 
+def test_a_refused_resume_touches_nothing(small_images, tmp_path):
+    """The checkpoint is checked before the model is moved, the generators seeded or the RNG
+    reseeded: a refusal leaves the caller's state as it was."""
+    ckpt = tmp_path / "run.pt"
+    train(tiny_unet(), NoiseSchedule.linear(T=20), small_images, steps=1, batch_size=8,
+          checkpoint=ckpt, progress=False)
+    model, rng = tiny_unet(), torch.get_rng_state()
+    weights = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match="seed: checkpoint 0, this run 1"):
+        train(model, NoiseSchedule.linear(T=20), small_images, steps=2, batch_size=8, seed=1,
+              checkpoint=ckpt, progress=False)
+    assert torch.equal(torch.get_rng_state(), rng)
+    assert all(torch.equal(weights[k], v) for k, v in model.state_dict().items())
+    with pytest.raises(ValueError, match="one setting now: precision="):
+        train(model, NoiseSchedule.linear(T=20), small_images, steps=1, bf16=True)
+
+
 def test_resume_from_a_file_that_is_not_a_checkpoint(small_images, tmp_path):
     from ddpm_lib.pretrained import save_weights
     weights = tmp_path / "w.pt"
@@ -467,3 +484,20 @@ def test_two_runs_on_one_checkpoint(small_images, tmp_path):
         train(tiny_unet(), NoiseSchedule.linear(T=20), small_images, **{**kw, "steps": 4},
               callback=inside)
     assert not lock.exists()
+
+
+def test_lr_warmup_and_the_loss_log():
+    """The pieces train() is made of (ddpm_lib.runs): the linear warm-up reaches lr at step
+    warmup_steps - 1; the loss log averages the logged window and sums per timestep."""
+    from ddpm_lib.runs import LossLog, lr_at
+    assert [lr_at(s, 1.0, 4) for s in range(6)] == [0.25, 0.5, 0.75, 1.0, 1.0, 1.0]
+    assert lr_at(0, 2e-4) == 2e-4
+    log = LossLog(T=5, device=torch.device("cpu"))
+    for loss, t in ((1.0, [0, 1]), (2.0, [1, 1]), (6.0, [4, 0])):
+        log.add(torch.tensor(loss), torch.tensor([loss, loss]), torch.tensor(t))
+    assert log.write(3) == 3.0 and log.history["step"] == [3] and log.running == []
+    assert log.history["count_by_t"].tolist() == [2, 3, 0, 0, 1]
+    assert log.history["loss_sum_by_t"].tolist() == [7, 5, 0, 0, 6]
+    log.add(torch.tensor(float("nan")), torch.tensor([0.0]), torch.tensor([2]))
+    with pytest.raises(FloatingPointError, match="the loss became nan at step 4"):
+        log.flush(4)
