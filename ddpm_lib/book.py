@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import __version__
+from . import __version__, viz
 
 PROFILES = ("smoke", "cpu", "gpu")
 
@@ -85,7 +85,8 @@ def checkpoint_dir(name: str = "ddpm-book", local: str | os.PathLike = "checkpoi
 
 
 def setup(seed: int = 0, profile: str | None = None, device: str | None = None, quiet: bool = False) -> Setup:
-    """Pick the device, seed everything, read the profile and print a short summary.
+    """Pick the device, seed everything, read the profile, set the book's figure style
+    (:func:`ddpm_lib.viz.use_book_style`) and print a short summary.
     Called by every chapter's first cell, see "How to use this book" (how_to_use.md),
     "In Google Colab (recommended for running)"."""
     profile = get_profile(profile)
@@ -93,6 +94,7 @@ def setup(seed: int = 0, profile: str | None = None, device: str | None = None, 
         device = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(device)
     seed_everything(seed)
+    viz.use_book_style()
     if not quiet:
         where = "Colab" if in_colab() else platform.system()
         gpu = f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""

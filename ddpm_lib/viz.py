@@ -6,6 +6,28 @@ import torch
 
 from .features import to_uint8
 
+# One figure style for the book. A chapter figure is drawn at most COLUMN_WIDTH inches wide at
+# FIGURE_DPI, so its PNG (700 px) fits the content column of the rendered book at 1280 px
+# (measured: 752 px) and is shown at its own size: a 10 pt label is 14 px on screen. The
+# background is opaque white, so black text stays readable under the book's dark theme.
+COLUMN_WIDTH = 7.0
+FIGURE_DPI = 100
+BOOK_STYLE = {
+    "figure.dpi": FIGURE_DPI, "savefig.dpi": FIGURE_DPI,
+    "figure.figsize": (COLUMN_WIDTH, 3.0),
+    "figure.facecolor": "white", "savefig.facecolor": "white", "axes.facecolor": "white",
+    "font.size": 10, "axes.titlesize": 10, "axes.labelsize": 10, "figure.titlesize": 11,
+    "xtick.labelsize": 9, "ytick.labelsize": 9, "legend.fontsize": 9,
+    "axes.spines.top": False, "axes.spines.right": False,
+}
+
+
+def use_book_style() -> None:
+    """Apply :data:`BOOK_STYLE` to matplotlib; :func:`ddpm_lib.book.setup` calls it, so every
+    chapter's figures share it (see "How to use this book", "Folded checks and figures")."""
+    import matplotlib
+    matplotlib.rcParams.update(BOOK_STYLE)
+
 
 def make_grid(images: torch.Tensor, nrow: int = 8, padding: int = 2, pad_value: float = 1.0) -> np.ndarray:
     """Tile images (N, C, H, W) in [-1, 1] into one uint8 array (H', W') or (H', W', 3).
@@ -37,7 +59,8 @@ def show_grid(images: torch.Tensor, nrow: int = 8, title: str | None = None, ax=
     import matplotlib.pyplot as plt
     grid = make_grid(images, nrow=nrow, **kwargs)
     if ax is None:
-        _, ax = plt.subplots(figsize=(min(12, grid.shape[1] / 40 + 1), min(12, grid.shape[0] / 40 + 1)))
+        size = (min(COLUMN_WIDTH, grid.shape[1] / 40 + 1), min(COLUMN_WIDTH, grid.shape[0] / 40 + 1))
+        _, ax = plt.subplots(figsize=size)
     ax.imshow(grid, cmap="gray" if grid.ndim == 2 else None, vmin=0, vmax=255, interpolation="nearest")
     ax.axis("off")
     if title:

@@ -71,7 +71,7 @@ MUTATIONS = [
      "    if clip_x0 or eps is None:\n", "    if eps is None:\n"),
     ("EMA: no warm-up", "ddpm_lib/ema.py",
      "return min(self.decay, (1 + n) / (10 + n))", "return self.decay"),
-    ("time embedding: cos replaced by sin", "ddpm_lib/unet.py",
+    ("time embedding: cos replaced by sin", "ddpm_lib/layers.py",
      "torch.cat([torch.sin(angles), torch.cos(angles)], dim=1)",
      "torch.cat([torch.sin(angles), torch.sin(angles)], dim=1)"),
     ("training resume: RNG state not restored", "ddpm_lib/train.py",
