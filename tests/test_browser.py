@@ -4,6 +4,10 @@ For each page: no errors of its own in the console, math typeset by MathJax, eve
 loaded, the Colab launch button pointing at the page's notebook, saved widgets rendered,
 exercise solutions opening on click; and a full-page screenshot for people to look at
 ($DDPM_SCREENSHOTS, else a pytest tmp folder; `make test` puts them in _build/screenshots).
+test_page_fits opens every page again at 1280 px (the book's default) and 390 px (a phone)
+wide and fails on code, outputs or equations wider than their box or the column, and on a
+page that scrolls sideways; summary.json records each page's height and the share of it
+taken by visible code (folded checks do not count), and a dark-theme screenshot at 1280 px.
 
 Needs Debian's chromium (/usr/bin/chromium, or $DDPM_CHROMIUM), the Python package
 playwright (it drives that Chromium; never `playwright install`) and the CDN files as npm
@@ -150,6 +154,11 @@ def screenshot_dir(tmp_path_factory):
     summary = {}
     yield folder, summary
     (folder / "summary.json").write_text(json.dumps(summary, indent=1))
+    fits = {k: v for k, v in sorted(summary.items()) if "@" in k and "height" in v}
+    if fits:
+        print("\npage heights (px) and the share taken by visible code:")
+        for key, v in fits.items():
+            print(f"  {key:<36} {v['height']:>7,} px  code {v['code_share']:.3f}")
     print(f"\nbrowser test: screenshots and summary.json in {folder}")
 
 
@@ -403,3 +412,89 @@ def test_toc_pages_cover_every_chapter():
     for notebook in (ROOT / "chapters").glob("*.ipynb"):
         assert f"chapters/{notebook.stem}" in PAGES
     assert {"intro", "how_to_use", "key_equations", "bibliography"} <= set(PAGES)
+
+
+# --- the page fits its column -------------------------------------------------------------
+
+WIDTHS = {"desktop": 1280, "phone": 390}
+
+# What overflows, measured in the page. Code and printed output wrap (_static/book.css), so at
+# any width nothing may scroll sideways; at desktop width a code line must also fit without
+# wrapping (the 76-character limit of test_repository.py is what makes that true). A display
+# equation must fit the column at desktop width; on a phone it may scroll inside itself
+# (MathJax's container has overflow-x: auto), never the page.
+_FITS_JS = """(desktop) => {
+  const article = document.querySelector('article.bd-article') || document.querySelector('article');
+  const col = article.getBoundingClientRect();
+  // inside a closed <details> (a folded cell) nothing is shown
+  const shown = e => e.offsetParent !== null && e.getClientRects().length > 0
+    && !e.closest('details:not([open])');
+  const wide = e => e.scrollWidth > e.clientWidth + 1;
+  const unwrappedWide = e => { const old = e.style.whiteSpace; e.style.whiteSpace = 'pre';
+    const w = wide(e); e.style.whiteSpace = old; return w; };
+  const outside = e => { const r = e.getBoundingClientRect();
+    return r.width > 0 && (r.right > col.right + 1 || r.left < col.left - 1); };
+  const label = e => (e.textContent || e.tagName).trim().replace(/\\s+/g, ' ').slice(0, 60);
+  const over = {code: [], output: [], equation: [], page: []};
+  for (const e of article.querySelectorAll('div.highlight pre')) {
+    if (!shown(e) || e.closest('.cell_output')) continue;
+    // printed text quoted in the prose (```text) may wrap, like a cell's output
+    const quoted = e.closest('.highlight-text, .highlight-none');
+    if (wide(e) || outside(e) || (desktop && !quoted && unwrappedWide(e))) over.code.push(label(e));
+  }
+  for (const e of article.querySelectorAll('.cell_output pre, .cell_output .output, .cell_output table, .cell_output img')) {
+    if (shown(e) && (wide(e) || outside(e))) over.output.push(label(e));
+  }
+  for (const e of article.querySelectorAll('mjx-container[display="true"]')) {
+    if (!shown(e)) continue;
+    const scrolls = ['auto', 'scroll'].includes(getComputedStyle(e).overflowX);
+    if (outside(e) || (wide(e) && (desktop || !scrolls)))
+      over.equation.push(label(e.closest('div.math') || e).slice(0, 40) + ` (${e.scrollWidth} px in ${e.clientWidth} px)`);
+  }
+  const doc = document.documentElement;
+  if (doc.scrollWidth > doc.clientWidth + 1) {
+    const culprits = [...article.querySelectorAll('*')].filter(e => shown(e)
+        && e.getBoundingClientRect().right > doc.clientWidth + 1 && !e.closest('mjx-container[display="true"]'))
+      .slice(0, 3).map(label);
+    over.page.push(`the page is ${doc.scrollWidth} px wide in a ${doc.clientWidth} px window: ${culprits.join(' | ')}`);
+  }
+  let code = 0;
+  for (const e of article.querySelectorAll('.cell_input')) if (shown(e)) code += e.getBoundingClientRect().height;
+  return {height: doc.scrollHeight, code_share: Math.round(1000 * code / doc.scrollHeight) / 1000, overflow: over};
+}"""
+
+
+@pytest.mark.parametrize("device", list(WIDTHS))
+@pytest.mark.parametrize("docname", PAGES)
+def test_page_fits(docname, device, browser, server, book_html, screenshot_dir):
+    """Nothing is wider than its box at 1280 and 390 px; records height and visible code."""
+    folder, summary = screenshot_dir
+    width = WIDTHS[device]
+    has_math = bool(re.search(r'class="math[ "]', (book_html / f"{docname}.html").read_text()))
+    log = PageLog(server)
+    context = browser.new_context(viewport={"width": width, "height": 900}, service_workers="block")
+    page = context.new_page()
+    page.set_default_timeout(TIMEOUT_MS)
+    page.route("**/*", log.route)
+    try:
+        page.goto(server + f"{docname}.html", wait_until="load")
+        if has_math:
+            page.wait_for_function("() => window.MathJax && MathJax.startup && MathJax.startup.promise")
+            page.evaluate("() => MathJax.startup.promise.then(() => true)")
+        page.evaluate("() => document.fonts.ready.then(() => true)")
+        found = page.evaluate(_FITS_JS, width >= 1000)
+        stem = docname.replace("/", "__")
+        if device == "phone":
+            page.screenshot(path=str(folder / f"{stem}@{width}.png"), full_page=True)
+        else:
+            # the dark theme: figures keep their white background, text stays readable
+            page.evaluate("() => { document.documentElement.dataset.theme = 'dark';"
+                          " document.documentElement.dataset.mode = 'dark'; }")
+            page.wait_for_timeout(500)   # let the theme's colours settle before the picture
+            page.screenshot(path=str(folder / f"{stem}@{width}-dark.png"), full_page=True)
+    finally:
+        context.close()
+    summary[f"{docname}@{width}"] = found
+    problems = [f"{kind}: {item}" for kind, items in found["overflow"].items() for item in items]
+    assert not problems, f"{docname} at {width} px: {len(problems)} wider than their box:\n  " + \
+        "\n  ".join(problems[:12])
