@@ -7,7 +7,7 @@ PLAYWRIGHT = playwright==1.65.2
 # Where the browser test leaves a full-page screenshot of every page (and summary.json).
 DDPM_SCREENSHOTS ?= $(CURDIR)/_build/screenshots
 
-.PHONY: book test install browser assignments
+.PHONY: book test install browser assignments publish
 
 install:
 	$(PIP) -r requirements.txt
@@ -32,3 +32,9 @@ test: install browser
 # Student notebooks and grading bundles of the assignments in assignments/dist/ (see instructors.md).
 assignments: install
 	$(PYTHON) scripts/make_assignments.py
+
+# Publish _build/html to the gh-pages branch (for forks without GitHub Actions; the workflow in
+# .github/workflows/book.yml does the same on every push to main).
+publish: book
+	$(PIP) ghp-import==2.1.0
+	$(PYTHON) -m ghp_import -n -p -f _build/html
