@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import __version__, viz
+from . import __version__, io, viz
 
 PROFILES = ("smoke", "cpu", "gpu")
 
@@ -109,29 +109,51 @@ def setup(seed: int = 0, profile: str | None = None, device: str | None = None, 
 
 
 # The measured results that chapters plot (results/ in the repository). In Colab, where only
-# the package is installed, they are fetched from the repository once.
+# the package is installed, they are fetched from the repository once and checked against
+# these digests (tests/test_data_and_book.py keeps the table equal to results/).
 RESULTS_URL = "https://raw.githubusercontent.com/ddpm-book/ddpm-book/main/results/"
+RESULTS_SHA256 = {
+    "bench_cpu.json": "b5bb18522ec1ead114cdcdefc1689a8794d19536a464630e5d504f08a0d7f122",
+    "bench_h200.log": "52192d1268952fee9d2496a60b7480a18103e9dfe9605bec892e73a6a7bd13ec",
+    "fashion_mnist_latent_equal_time.pt": "59e92e7bcdc29c41a75cc0c2d86002df7a909ee4e768be1685c46e03326c4717",
+    "fashion_mnist_pixel_equal_time.pt": "e4a05c17f5eff3978877165ba716220eebac7c35ceca97ec2ca9fc5f8c6d8934",
+    "grid_sweep_cpu.json": "976934331f7a4aa3f3963a9d2aa25dc1f311e3563be2140723a7e5f553696807",
+    "latent_vs_pixel_cpu.json": "9839a6316aac40121d8b53ed47aedfc1841c701f81075454562ddec4d698c001",
+    "nll_bound_cpu.json": "3594498a99a3fb684a2d45943b00e73aa118aa7f76e7f0cef9fb1c921c360102",
+    "sweep_h200.json": "1708b70f59e9fd32d3cbe575f2b24f18a497f98a3b81cd884c2dd77524387ba1",
+    "train_cfg_h200.json": "c2db9a60c455845058c42151c3ff822b4f438efd26470a7bee6c8aaf9b519e37",
+    "train_latent_shipped_cpu.json": "dc36ce36aad52fbc090315f746cb4e5255ad381a689ca5a09e6fc3259045c4a3",
+}
 
 
 def result_path(name: str) -> Path:
     """The path of ``results/<name>``: in the repository (from the working folder, its parent,
-    or beside the installed package), else downloaded from the repository into ./results.
+    or beside the installed package), else downloaded from the repository into ./results and
+    kept only if its sha256 is the one in :data:`RESULTS_SHA256`.
     Used in chapter 10, "Quality at equal training time", and chapter 11, "The benchmark"."""
     for root in (Path.cwd(), Path.cwd().parent, Path(__file__).resolve().parents[1]):
         path = root / "results" / name
         if path.is_file():
             return path
+    if name not in RESULTS_SHA256:
+        raise FileNotFoundError(f"results/{name} is not in this checkout and is not one of the "
+                                f"book's results ({', '.join(sorted(RESULTS_SHA256))})")
     target = Path("results") / name
-    partial = target.with_name(target.name + ".part")      # renamed only once complete
+    partial = target.with_name(target.name + ".part")      # renamed only once verified
     try:
         import urllib.request
         target.parent.mkdir(exist_ok=True)
         urllib.request.urlretrieve(RESULTS_URL + name, partial)
-        partial.replace(target)
     except OSError as e:
         partial.unlink(missing_ok=True)
         raise FileNotFoundError(f"results/{name} is not in this checkout and could not be downloaded "
                                 f"from {RESULTS_URL + name} ({e}); clone the repository and run from it") from e
+    digest = io.sha256(partial)
+    if digest != RESULTS_SHA256[name]:
+        partial.unlink()
+        raise ValueError(f"the downloaded results/{name} has sha256 {digest}, not the book's "
+                         f"{RESULTS_SHA256[name]}: not kept (a changed or damaged file)")
+    partial.replace(target)
     return target
 
 
