@@ -1,15 +1,12 @@
 """Command line: train, export and sample without notebooks.
-
-    python -m ddpm_lib train  --checkpoint runs/fashion.pt --steps 20000
-    python -m ddpm_lib export runs/fashion.pt weights.pt
-    python -m ddpm_lib sample --weights weights.pt --n 64 --out samples.png --npy samples.npy
-    torchrun --nproc_per_node=4 -m ddpm_lib train --checkpoint runs/fashion.pt   # several GPUs
+(``python -m ddpm_lib``, or ``ddpm`` when installed; ``COMMAND --help``: flags and examples.)
 
 ``train`` resumes from ``--checkpoint`` when it exists (made with the same settings; another
 live run on the same checkpoint is refused). ``export`` keeps the EMA weights,
 the model's configuration and the schedule, in a file that loads with
-``torch.load(..., weights_only=True)``. ``sample`` writes a PNG grid and a ``.npy`` of
-uint8 images of shape (N, H, W) (or (N, H, W, 3) for colour).
+``torch.load(..., weights_only=True)``. ``sample`` takes such a file or the name of a shipped
+model (a latent one is decoded through its VAE) and writes a PNG grid and a ``.npy`` of uint8
+images of shape (N, H, W) (or (N, H, W, 3) for colour).
 """
 from __future__ import annotations
 
@@ -23,13 +20,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import data, features
-from .io import FILE_KINDS, CheckpointBusy, file_kind
-from .pretrained import load_weights, save_weights
+from . import __version__, data, features
+from .accel import COMPILE_MODES, PRECISIONS, distributed_info, init_distributed
+from .guidance import guided_model
+from .io import FILE_KINDS, CheckpointBusy, file_kind, load_checkpoint, sha256
+from .pretrained import PRETRAINED, load_pretrained, load_pretrained_vae, load_weights, save_weights
 from .samplers import SAMPLERS, sample
 from .schedules import NoiseSchedule
-from .accel import PRECISIONS, distributed_info, init_distributed
-from .io import load_checkpoint
 from .train import TrainConfig, train
 from .unet import UNet, count_parameters
 from .viz import save_grid
@@ -37,6 +34,21 @@ from .viz import save_grid
 # what --out may end with: formats that viz.save_grid (matplotlib, through PIL) writes
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tiff", ".webp", ".pdf", ".svg")
 DEVICE_HELP = "cpu, cuda, cuda:N or mps (default: cuda if there is one)"
+LATENT_MODELS = {"fashion_mnist_latent": load_pretrained_vae}  # shipped latent model -> its VAE
+BEST_GUIDANCE = 2.0             # chapter 9: the lowest FID-style score of the shipped cfg model
+OPTION_HELP = {"eta": "noise of each step: 0 deterministic, 1 as much as DDPM",
+               "sigma": "reverse-step variance: beta (Ho et al.'s choice) or beta_tilde",
+               "order": "1 (first order, as DDIM) or 2 (reuses the previous prediction)"}
+OPTIONS = sorted({name for entry in SAMPLERS.values() for name in entry.options})  # each: a flag
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """Defaults in the help (not None or False: the help says those), the epilog's lines kept."""
+
+    def _get_help_string(self, action):
+        if action.default is None or action.default is False:
+            return action.help
+        return super()._get_help_string(action)
 
 
 def _ints(text: str) -> tuple[int, ...]:
@@ -46,16 +58,24 @@ def _ints(text: str) -> tuple[int, ...]:
 # ----------------------------------------------------------------------------------------
 # Argument types: a bad value is a usage error (exit code 2) that names the flag
 # ----------------------------------------------------------------------------------------
-def _int_at_least(low: int):
-    def parse(text: str) -> int:
+def _at_least(low, kind=int):
+    what = "an integer" if kind is int else "a number"
+
+    def parse(text: str):
         try:
-            value = int(text)
+            value = kind(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-        if value < low:
-            raise argparse.ArgumentTypeError(f"must be an integer >= {low}, got {value}")
+            raise argparse.ArgumentTypeError(f"{text!r} is not {what}") from None
+        if not value >= low:                                    # NaN fails too
+            raise argparse.ArgumentTypeError(f"must be {what} >= {low}, got {value}")
         return value
     return parse
+
+
+def _label(text: str):
+    if text == "all" or text.isdigit():
+        return text if text == "all" else int(text)
+    raise argparse.ArgumentTypeError(f"{text!r}: give a class number (0, 1, ...) or 'all'")
 
 
 def _device(text: str) -> torch.device:
@@ -198,107 +218,183 @@ def _check_output_folder(path: str, flag: str) -> None:
         raise ValueError(f"{flag} {path}: the folder {folder} is not writable; pick another path")
 
 
+def _load_model(weights: str, device):
+    """``(model, schedule, shipped name or None)`` from a weights file or a shipped model's
+    name; a file whose bytes are a shipped model's is that model (so it is decoded alike)."""
+    path = Path(weights)
+    if path.is_file():
+        digest = sha256(path)
+        name = next((n for n, entry in PRETRAINED.items() if entry["sha256"] == digest), None)
+        return (*load_weights(path, device)[:2], name)
+    if weights in PRETRAINED:
+        return (*load_pretrained(weights, device)[:2], weights)
+    raise FileNotFoundError(f"--weights {weights}: no weights file at {path}, and no shipped model "
+                            f"of that name; the shipped models are {', '.join(sorted(PRETRAINED))}")
+
+
+def _labelled(model, args, device):
+    """The model function to sample (guided towards --label's classes) and the labels, or None."""
+    if args.label is None:
+        return model, None
+    if not (classes := model.num_classes):
+        raise ValueError(f"--label: {args.weights} is unconditional (it takes no class); drop "
+                         "--label, or sample a class-conditional model such as fashion_mnist_cfg")
+    if args.label != "all" and args.label >= classes:
+        raise ValueError(f"--label {args.label}: {args.weights} has classes 0..{classes - 1}")
+    y = (torch.arange(classes).repeat_interleave(args.n) if args.label == "all"
+         else torch.full((args.n,), args.label)).to(device)
+    w = BEST_GUIDANCE if args.guidance is None else args.guidance
+    return guided_model(model, y, w), y
+
+
 def cmd_sample(args) -> None:
     for path, flag in ((args.out, "--out"), (args.npy, "--npy")):
         if path:
             _check_output_folder(path, flag)
     device = args.device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model, schedule, _ = load_weights(args.weights, device)
+    model, schedule, name = _load_model(args.weights, device)
     c, s = model.config["in_channels"], model.config["image_size"]
+    vae = LATENT_MODELS[name](device) if name in LATENT_MODELS else None
+    if vae is None and c not in (1, 3):
+        raise ValueError(f"{args.weights} makes {c}-channel samples, not images (1 or 3 channels); "
+                         f"only the shipped latent models ({', '.join(LATENT_MODELS)}) are decoded")
+    net, y = _labelled(model, args, device)
     g = torch.Generator(device).manual_seed(args.seed)
-    shape = (args.n, c, s, s)
-    options = {} if args.eta is None else {"eta": args.eta}     # main() checked the sampler takes it
-    with torch.no_grad():
-        x = sample(model, schedule, shape, sampler=args.sampler, steps=args.steps, generator=g,
-                   progress=True, **options)
+    shape = (args.n if y is None else len(y), c, s, s)
+    options = {o: getattr(args, o) for o in OPTIONS if getattr(args, o) is not None}  # main() checked
+    with torch.no_grad():                       # latents are not in [-1, 1]: no clipping (chapter 10)
+        x = sample(net, schedule, shape, sampler=args.sampler, steps=args.steps, generator=g,
+                   progress=True, clip_x0=vae is None, **options)
+        x = x if vae is None else vae.decode_latents(x)
     if args.out:
-        save_grid(x, args.out, nrow=int(np.ceil(np.sqrt(args.n))))
-        print(f"wrote {args.out}")
+        save_grid(x, args.out, nrow=args.n if args.label == "all" else int(np.ceil(np.sqrt(args.n))))
+        print(f"wrote {args.out}" + (f" (one row per class, {args.n} each)" if args.label == "all" else ""))
     if args.npy:
         u8 = features.to_uint8(x)
-        u8 = u8[:, 0] if c == 1 else u8.transpose(0, 2, 3, 1)
+        u8 = u8[:, 0] if x.shape[1] == 1 else u8.transpose(0, 2, 3, 1)
         np.save(args.npy, u8)
         print(f"wrote {args.npy} {u8.shape} {u8.dtype}")
 
 
-def main(argv=None) -> None:
-    p = argparse.ArgumentParser(prog="python -m ddpm_lib", description=__doc__.split("\n")[0])
-    sub = p.add_subparsers(dest="command", required=True)
+EXAMPLES = {  # each sub-command's epilog
+    "train": """examples:
+  %(prog)s --checkpoint runs/fashion.pt --steps 20000
+  %(prog)s --checkpoint runs/cfg.pt --conditional   # then sample --label
+  %(prog)s --data cifar10 --checkpoint runs/cifar.pt --hflip
+  torchrun --nproc_per_node=4 -m ddpm_lib train --checkpoint runs/fashion.pt""",
+    "export": """examples:
+  %(prog)s runs/fashion.pt weights.pt
+  %(prog)s runs/fashion.pt weights.pt --meta '{"note": "first run"}'""",
+    "sample": """examples:
+  %(prog)s --weights fashion_mnist_ddpm --n 16 --sampler dpm_solver
+  %(prog)s --weights fashion_mnist_cfg --label all --n 4 --guidance 3
+  %(prog)s --weights fashion_mnist_latent --sampler ddim --out latent.png
+  %(prog)s --weights runs/weights.pt --sampler ddim --steps 100 --npy s.npy"""}
 
-    t = sub.add_parser("train", help="train a UNet with L_simple (resumes from --checkpoint)")
-    t.add_argument("--data", default="fashion_mnist", choices=sorted(data.DATASETS))
-    t.add_argument("--limit", type=_int_at_least(1), default=None,
-                   help="use only the first N training images")
-    t.add_argument("--checkpoint", required=True)
-    t.add_argument("--steps", type=int, default=20000)
-    t.add_argument("--batch-size", type=int, default=128)
-    t.add_argument("--lr", type=float, default=2e-4)
-    t.add_argument("--warmup-steps", type=int, default=0)
-    t.add_argument("--ema-decay", type=float, default=0.9999)
-    t.add_argument("--grad-clip", type=float, default=1.0)
-    t.add_argument("--T", type=_int_at_least(1), default=1000)
-    t.add_argument("--schedule", choices=["linear", "cosine"], default="linear")
-    t.add_argument("--base-channels", type=int, default=64)
-    t.add_argument("--channel-mults", default="1,2,2")
-    t.add_argument("--num-res-blocks", type=int, default=2)
-    t.add_argument("--attention-resolutions", default=None,
-                   help="comma-separated resolutions with self-attention, '' for none "
-                        "(default: the dataset's, 7 for 28x28 images, 16 for CIFAR-10)")
-    t.add_argument("--dropout", type=float, default=0.1)
-    t.add_argument("--conditional", action="store_true", help="class-conditional (labels, null class)")
-    t.add_argument("--seed", type=int, default=0)
-    t.add_argument("--checkpoint-every", type=int, default=500)
-    t.add_argument("--log-every", type=int, default=50)
-    t.add_argument("--device", type=_device, default=None, help=DEVICE_HELP)
-    t.add_argument("--threads", type=_int_at_least(0), default=0,
-                   help="torch CPU threads (0: torch's default)")
-    t.add_argument("--no-progress", action="store_true")
+
+def build_parser() -> argparse.ArgumentParser:
+    """The parser of ``python -m ddpm_lib`` (``ddpm`` when installed as a command)."""
+    prog = "ddpm" if Path(sys.argv[0]).stem == "ddpm" else "python -m ddpm_lib"
+    p = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n")[0], formatter_class=HelpFormatter,
+                                epilog=f"run `{prog} COMMAND --help` for a command's flags and examples")
+    p.add_argument("--version", action="version", version=f"ddpm_lib {__version__}",
+                   help="print ddpm_lib's version and exit")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND", help="what to do:")
+
+    def command(name, help):
+        return sub.add_parser(name, help=help, description=help, epilog=EXAMPLES[name],
+                              formatter_class=HelpFormatter)
+
+    t = command("train", "train a U-Net with L_simple (resumes from --checkpoint when it exists)")
+    t.add_argument("--data", default="fashion_mnist", choices=sorted(data.DATASETS), help="training images")
+    t.add_argument("--limit", type=_at_least(1), help="use only the first N training images (default: all)")
+    t.add_argument("--checkpoint", required=True, help="checkpoint file, resumed from when it exists")
+    t.add_argument("--steps", type=int, default=20000, help="total optimiser steps, a resumed run's included")
+    t.add_argument("--batch-size", type=int, default=128, help="images per optimiser step (all processes)")
+    t.add_argument("--lr", type=float, default=2e-4, help="AdamW learning rate (after the warm-up)")
+    t.add_argument("--warmup-steps", type=int, default=0, help="steps of linear learning-rate warm-up from 0")
+    t.add_argument("--ema-decay", type=float, default=0.9999, help="EMA decay (export keeps the EMA)")
+    t.add_argument("--grad-clip", type=float, default=1.0, help="largest global gradient norm")
+    t.add_argument("--T", type=_at_least(1), default=1000, help="number of diffusion timesteps T")
+    t.add_argument("--schedule", choices=["linear", "cosine"], default="linear",
+                   help="noise schedule: betas 1e-4 .. 0.02 (Ho et al.) or cosine (Nichol & Dhariwal)")
+    t.add_argument("--base-channels", type=int, default=64, help="U-Net channels at full resolution")
+    t.add_argument("--channel-mults", default="1,2,2", help="channel multiplier of each resolution level")
+    t.add_argument("--num-res-blocks", type=int, default=2, help="residual blocks per resolution level")
+    t.add_argument("--attention-resolutions", help="comma-separated resolutions with self-attention, '' "
+                   "for none (default: the dataset's, 7 for 28x28 images, 16 for CIFAR-10)")
+    t.add_argument("--dropout", type=float, default=0.1, help="dropout probability in the residual blocks")
+    t.add_argument("--conditional", action="store_true",
+                   help="class-conditional: labels as input, 10%% of them dropped (for guidance)")
+    t.add_argument("--seed", type=int, default=0, help="seed of the initial weights, batches and noise")
+    t.add_argument("--checkpoint-every", type=int, default=500, help="write the checkpoint every N steps")
+    t.add_argument("--log-every", type=int, default=50, help="record the mean loss every N steps")
+    t.add_argument("--device", type=_device, help=DEVICE_HELP)
+    t.add_argument("--threads", type=_at_least(0), default=0, help="torch CPU threads (0: torch's default)")
+    t.add_argument("--no-progress", action="store_true", help="no progress bar")
     t.add_argument("--hflip", action="store_true", help="random horizontal flips (CIFAR-10; not for digits)")
-    t.add_argument("--precision", choices=PRECISIONS, default="auto",
-                   help="arithmetic of the training step (auto: bf16 on GPUs of compute "
-                        "capability 8 and newer, fp16 with loss scaling on older ones such as "
-                        "the T4, fp32 on a CPU)")
-    t.add_argument("--channels-last", choices=["auto", "on", "off"], default="auto")
-    t.add_argument("--compile", choices=["auto", "off", "default", "reduce-overhead", "max-autotune",
-                                         "max-autotune-no-cudagraphs"], default="auto",
-                   help="torch.compile mode (auto: reduce-overhead on a GPU, off on a CPU)")
+    t.add_argument("--precision", choices=PRECISIONS, default="auto", help="arithmetic of the training step "
+                   "(auto: bf16 on GPUs of compute capability 8+, fp16 on older ones (T4), fp32 on a CPU)")
+    t.add_argument("--channels-last", choices=["auto", "on", "off"], default="auto",
+                   help="NHWC memory layout (auto: on on a GPU, off on a CPU)")
+    t.add_argument("--compile", choices=["auto", "off", *(m for m in COMPILE_MODES if isinstance(m, str))],
+                   default="auto", help="torch.compile mode (auto: reduce-overhead on a GPU, off on a CPU)")
     t.set_defaults(func=cmd_train)
 
-    e = sub.add_parser("export", help="keep the EMA weights of a checkpoint for sampling")
-    e.add_argument("checkpoint")
-    e.add_argument("out")
-    e.add_argument("--meta", type=_json_object, default=None,
-                   help="JSON object of extra metadata to store")
+    e = command("export", "keep the EMA weights of a checkpoint for sampling")
+    e.add_argument("checkpoint", help="training checkpoint, written by `train --checkpoint`")
+    e.add_argument("out", help="weights file to write (EMA weights, U-Net configuration, schedule)")
+    e.add_argument("--meta", type=_json_object, help="JSON object of extra metadata to store")
     e.set_defaults(func=cmd_export)
 
-    s = sub.add_parser("sample", help="sample images: a PNG grid and/or a .npy of uint8")
-    s.add_argument("--weights", required=True)
-    s.add_argument("--n", type=_int_at_least(1), default=64)
-    s.add_argument("--sampler", choices=sorted(SAMPLERS), default="ddpm")
-    s.add_argument("--steps", type=_int_at_least(1), default=None,
-                   help="network calls (default: " + ", ".join(
-                       f"{name} {entry.steps or 'all T'}" for name, entry in sorted(SAMPLERS.items())) + ")")
-    s.add_argument("--eta", type=float, default=None,
-                   help="noise of the samplers that take it (" + ", ".join(
-                       f"{name} default {entry.options['eta']}" for name, entry in sorted(SAMPLERS.items())
-                       if "eta" in entry.options) + ")")
-    s.add_argument("--seed", type=int, default=0)
+    s = command("sample", "sample images: a PNG grid and/or a .npy of uint8")
+    s.add_argument("--weights", required=True, help="a file `export` wrote, or a shipped model: "
+                   + ", ".join(sorted(PRETRAINED)) + " (the latent one is decoded by the shipped VAE)")
+    s.add_argument("--n", type=_at_least(1), default=64, help="number of images (--label all: per class)")
+    s.add_argument("--sampler", choices=sorted(SAMPLERS), default="ddpm",
+                   help=", ".join(f"{name} ({entry.label})" for name, entry in sorted(SAMPLERS.items())))
+    s.add_argument("--steps", type=_at_least(1), help="network calls (default: " + ", ".join(
+        f"{name} {entry.steps or 'all T'}" for name, entry in sorted(SAMPLERS.items())) + ")")
+    for name in OPTIONS:            # a flag for each option of the registry's samplers
+        takers = {n: entry.options[name] for n, entry in sorted(SAMPLERS.items()) if name in entry.options}
+        s.add_argument(f"--{name.replace('_', '-')}", type=type(next(iter(takers.values()))),
+                       help=f"{OPTION_HELP.get(name, 'an option of the sampler')} (" + ", ".join(
+                           f"{n} default {v}" for n, v in takers.items()) + ")")
+    s.add_argument("--label", type=_label, metavar="{K,all}", help="class K of all images, or 'all': --n "
+                   "of each; none: unconditional (conditional models; fashion_mnist_cfg: " + ", ".join(
+                       f"{i} {c}" for i, c in enumerate(data.DATASETS["fashion_mnist"].classes)) + ")")
+    s.add_argument("--guidance", type=_at_least(0.0, float), metavar="W", help="classifier-free guidance "
+                   "weight, with --label: 0 unconditional, 1 conditional, above 1 sharper and less varied "
+                   f"(default: {BEST_GUIDANCE:g}, the best FID in chapter 9)")
+    s.add_argument("--seed", type=int, default=0, help="seed of the starting noise and the sampler's noise")
     s.add_argument("--out", type=_image_path, default="samples.png",
                    help=f"image grid ({', '.join(IMAGE_SUFFIXES)}; '' for none)")
-    s.add_argument("--npy", type=_npy_path, default=None, help="uint8 images as a .npy file")
-    s.add_argument("--device", type=_device, default=None, help=DEVICE_HELP)
-    s.set_defaults(func=cmd_sample)
+    s.add_argument("--npy", type=_npy_path, help="uint8 images (N, H, W) or (N, H, W, 3): a .npy file")
+    s.add_argument("--device", type=_device, help=DEVICE_HELP)
+    s.set_defaults(func=cmd_sample, parser=s)
+    return p
 
+
+def _takes(entry, option: str) -> bool:
+    return entry.steps is not None if option == "steps" else option in entry.options
+
+
+def main(argv=None) -> None:
+    """``python -m ddpm_lib`` and the ``ddpm`` command: ``argv`` (default: ``sys.argv[1:]``)."""
+    p = build_parser()
     args = p.parse_args(argv)
     if args.command == "sample":       # a flag the sampler does not take is a usage error
-        takes = {"--steps": lambda e: e.steps is not None, "--eta": lambda e: "eta" in e.options}
-        given = [flag for flag, value in (("--steps", args.steps), ("--eta", args.eta))
-                 if value is not None and not takes[flag](SAMPLERS[args.sampler])]
+        given = [o for o in ("steps", *OPTIONS) if getattr(args, o) is not None
+                 and not _takes(SAMPLERS[args.sampler], o)]
         if given:
-            others = sorted(n for n, e in SAMPLERS.items() if all(takes[f](e) for f in given))
-            why = " (it always takes all T steps)" if "--steps" in given else ""
-            s.error(f"the {args.sampler} sampler takes no {' or '.join(given)}{why}: add --sampler "
-                    f"{' or '.join(others)}, or leave {'it' if len(given) == 1 else 'them'} out")
+            flags = " or ".join("--" + o.replace("_", "-") for o in given)
+            others = sorted(n for n, e in SAMPLERS.items() if all(_takes(e, o) for o in given))
+            why = " (it always takes all T steps)" if "steps" in given else ""
+            add = f"add --sampler {' or '.join(others)}, or " if others else ""
+            args.parser.error(f"the {args.sampler} sampler takes no {flags}{why}: {add}leave "
+                              f"{'it' if len(given) == 1 else 'them'} out")
+        if args.guidance is not None and args.label is None:
+            args.parser.error("--guidance needs --label: the class to guide towards")
     try:
         args.func(args)
     except (ValueError, FileNotFoundError) as err:      # bad input: what was wrong, what to do

@@ -1,4 +1,5 @@
 """python -m ddpm_lib train / export / sample, end to end on a tiny model."""
+import argparse
 import subprocess
 import sys
 
@@ -8,7 +9,8 @@ import torch
 
 from conftest import tiny_unet
 from ddpm_lib.data import DATASETS
-from ddpm_lib.pretrained import load_pretrained, load_weights
+from ddpm_lib.pretrained import PRETRAINED, load_pretrained, load_weights
+from ddpm_lib.samplers import SAMPLERS
 
 TINY = ["--base-channels", "16", "--channel-mults", "1,2", "--num-res-blocks", "1",
         "--attention-resolutions", "14", "--limit", "64", "--batch-size", "8", "--T", "50", "--no-progress"]
@@ -164,6 +166,10 @@ def test_train_takes_attention_and_classes_from_the_dataset(tmp_path, fake_cifar
     (["sample", "--weights", "w.pt", "--sampler", "ddpm", "--eta", "0.5"], "--eta"),
     (["sample", "--weights", "w.pt", "--n", "0"], "--n"),
     (["sample", "--weights", "w.pt", "--device", "cuda:99"], "--device"),
+    (["sample", "--weights", "w.pt", "--sampler", "ddim", "--order", "1"], "--order"),
+    (["sample", "--weights", "w.pt", "--guidance", "2"], "--guidance"),
+    (["sample", "--weights", "w.pt", "--label", "shoe"], "--label"),
+    (["sample", "--weights", "w.pt", "--label", "1", "--guidance", "-1"], "--guidance"),
 ], ids=lambda v: " ".join(v) if isinstance(v, list) else v)
 def test_bad_flags_are_usage_errors(capsys, args, flag):
     code, out = run_main(capsys, *args)
@@ -222,3 +228,137 @@ def test_divergence_resume_settings_and_a_busy_checkpoint(tmp_path, capsys):
         holder.wait()
     code, out = run_main(capsys, *train_args, "--steps", "3")
     assert code == 0 and "resumed from step 2, trained to step 3" in out, out
+
+
+# ----------------------------------------------------------------------------------------
+# Issue #18: help on every flag, --version, shipped models by name, --label/--guidance,
+# the latent model decoded through its VAE, every sampler of the registry
+# ----------------------------------------------------------------------------------------
+def _parsers():
+    """(name, parser) for the main parser and each sub-command's."""
+    from ddpm_lib.__main__ import build_parser
+    main_parser = build_parser()
+    sub = next(a for a in main_parser._actions if isinstance(a, argparse._SubParsersAction))
+    return [("main", main_parser), *sub.choices.items()]
+
+
+def test_every_flag_and_positional_has_help_and_defaults_show():
+    from ddpm_lib.__main__ import HelpFormatter
+    assert issubclass(HelpFormatter, argparse.ArgumentDefaultsHelpFormatter)
+    parsers = _parsers()
+    assert [name for name, _ in parsers] == ["main", "train", "export", "sample"]
+    for name, parser in parsers:
+        assert parser.formatter_class is HelpFormatter, name
+        missing = [a.option_strings or a.dest for a in parser._actions
+                   if not a.help or a.help == argparse.SUPPRESS or len(a.help) < 10]
+        assert not missing, f"{name}: no help for {missing}"
+        text = parser.format_help()                    # every help string formats (no stray %)
+        if name != "main":                             # 2 to 4 examples, one to a line
+            examples = [line for line in parser.epilog.splitlines() if line.startswith("  ")]
+            assert 2 <= len(examples) <= 4 and "\n  python -m ddpm_lib " + name in text, name
+    train_help, sample_help = parsers[1][1].format_help(), parsers[3][1].format_help()
+    assert "(default: 128)" in " ".join(train_help.split())            # --batch-size
+    assert "(default: None)" not in train_help + sample_help            # None: the help says it
+    for shipped in PRETRAINED:
+        assert shipped in sample_help
+
+
+def test_version(capsys):
+    import ddpm_lib
+    code, out = run_main(capsys, "--version")
+    assert code == 0 and out.strip() == f"ddpm_lib {ddpm_lib.__version__}"
+
+
+def test_main_is_a_console_entry_point(monkeypatch, capsys):
+    """``ddpm = "ddpm_lib.__main__:main"``: main() reads sys.argv and names itself ddpm."""
+    from ddpm_lib.__main__ import main
+    monkeypatch.setattr(sys, "argv", ["/usr/local/bin/ddpm", "sample", "--help"])
+    with pytest.raises(SystemExit) as e:
+        main()
+    assert e.value.code == 0 and "usage: ddpm sample" in capsys.readouterr().out
+
+
+def test_sample_a_shipped_model_by_name_from_another_folder(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    code, out = run_main(capsys, "sample", "--weights", "fashion_mnist_ddpm", "--n", 2, "--steps", 2,
+                         "--sampler", "ddim")
+    assert code == 0 and "wrote samples.png" in out, out
+    assert (tmp_path / "samples.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_label_and_guidance_on_the_conditional_model(tmp_path, capsys):
+    common = ["sample", "--weights", "fashion_mnist_cfg", "--n", 2, "--steps", 2, "--sampler", "ddim",
+              "--out", ""]
+
+    def images(*extra):
+        npy = tmp_path / "s.npy"
+        code, out = run_main(capsys, *common, "--npy", npy, *extra)
+        assert code == 0, out
+        return np.load(npy)
+
+    unconditional, w0 = images(), images("--label", 3, "--guidance", 0)
+    assert unconditional.shape == (2, 28, 28) and np.array_equal(unconditional, w0)  # w = 0: null label
+    w1, w3 = images("--label", 3, "--guidance", 1), images("--label", 3)        # default w = 2
+    assert not np.array_equal(w0, w1) and not np.array_equal(w1, w3)
+    png = tmp_path / "all.png"
+    code, out = run_main(capsys, *common[:-2], "--out", png, "--label", "all", "--n", 1, "--guidance", 3)
+    assert code == 0 and "one row per class, 1 each" in out and png.stat().st_size > 100, out
+
+
+def test_the_latent_model_is_decoded_through_its_vae(tmp_path, capsys):
+    from ddpm_lib.features import to_uint8
+    from ddpm_lib.pretrained import PRETRAINED, WEIGHTS_DIR, load_pretrained_vae
+    from ddpm_lib.samplers import sample
+    shipped = WEIGHTS_DIR / PRETRAINED["fashion_mnist_latent"]["file"]
+    outputs = []
+    for weights in ("fashion_mnist_latent", shipped):       # by name, or the shipped file's path
+        png, npy = tmp_path / "l.png", tmp_path / "l.npy"
+        code, out = run_main(capsys, "sample", "--weights", weights, "--n", 2, "--steps", 2,
+                             "--sampler", "ddim", "--out", png, "--npy", npy)
+        assert code == 0 and png.stat().st_size > 100, out
+        outputs.append(np.load(npy))
+    assert outputs[0].shape == (2, 28, 28) and np.array_equal(*outputs)          # 1-channel images
+    model, schedule, _ = load_pretrained("fashion_mnist_latent")
+    with torch.no_grad():
+        z = sample(model, schedule, (2, 4, 7, 7), sampler="ddim", steps=2, clip_x0=False,
+                   generator=torch.Generator().manual_seed(0))
+        expected = to_uint8(load_pretrained_vae().decode_latents(z))[:, 0]
+    assert np.array_equal(outputs[0], expected)
+
+
+@pytest.mark.parametrize("name", sorted(SAMPLERS))
+def test_every_registry_sampler_is_offered_and_runs(tmp_path, capsys, name):
+    from ddpm_lib import NoiseSchedule
+    from ddpm_lib.__main__ import build_parser
+    from ddpm_lib.pretrained import save_weights
+    sample_parser = dict(_parsers())["sample"]
+    sampler_flag = next(a for a in sample_parser._actions if "--sampler" in a.option_strings)
+    assert sorted(sampler_flag.choices) == sorted(SAMPLERS)
+    for option in SAMPLERS[name].options:                       # each option has its flag
+        assert f"--{option.replace('_', '-')}" in build_parser().format_help() + sample_parser.format_help()
+    weights, npy = tmp_path / "w.pt", tmp_path / "s.npy"
+    save_weights(tiny_unet(), NoiseSchedule.linear(T=10), weights)
+    steps = [] if SAMPLERS[name].steps is None else ["--steps", 2]     # ddpm: all T = 10
+    code, out = run_main(capsys, "sample", "--weights", weights, "--sampler", name, *steps, "--n", 2,
+                         "--out", "", "--npy", npy)
+    assert code == 0, out
+    assert np.load(npy).shape == (2, 28, 28)
+
+
+def test_sample_errors_name_what_to_do(tmp_path, capsys):
+    code, out = run_main(capsys, "sample", "--weights", "fashion_mnist_dpm")
+    assert code == 2 and "no shipped model of that name" in out, out
+    assert all(name in out for name in PRETRAINED)
+    code, out = run_main(capsys, "sample", "--weights", "fashion_mnist_ddpm", "--label", 1, "--sampler",
+                         "ddim", "--steps", 2, "--out", "")
+    assert code == 2 and "fashion_mnist_ddpm is unconditional" in out and "drop --label" in out, out
+    code, out = run_main(capsys, "sample", "--weights", "fashion_mnist_cfg", "--label", 10, "--sampler",
+                         "ddim", "--steps", 2, "--out", "")
+    assert code == 2 and "--label 10: fashion_mnist_cfg has classes 0..9" in out, out
+    # a network whose samples are not images (4 channels) and that no VAE decodes
+    from ddpm_lib import NoiseSchedule
+    from ddpm_lib.pretrained import save_weights
+    weights = tmp_path / "four.pt"
+    save_weights(tiny_unet(in_channels=4), NoiseSchedule.linear(T=10), weights)
+    code, out = run_main(capsys, "sample", "--weights", weights, "--sampler", "ddim", "--steps", 2)
+    assert code == 2 and "4-channel samples, not images" in out and "Traceback" not in out, out
