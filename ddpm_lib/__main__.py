@@ -1,12 +1,7 @@
-"""Command line: train, export and sample without notebooks.
-(``python -m ddpm_lib``, or ``ddpm`` when installed; ``COMMAND --help``: flags and examples.)
-
-``train`` resumes from ``--checkpoint`` when it exists (made with the same settings; another
-live run on the same checkpoint is refused). ``export`` keeps the EMA weights,
-the model's configuration and the schedule, in a file that loads with
-``torch.load(..., weights_only=True)``. ``sample`` takes such a file or the name of a shipped
-model (a latent one is decoded through its VAE) and writes a PNG grid and a ``.npy`` of uint8
-images of shape (N, H, W) (or (N, H, W, 3) for colour).
+"""Command line: train, export and sample without notebooks (``python -m ddpm_lib`` or
+``ddpm``; ``COMMAND --help`` lists the flags, with examples). ``train`` resumes from
+``--checkpoint``; ``export`` keeps the EMA weights (a ``.pt`` file, or a safetensors folder
+for the Hub); ``sample`` takes such a file or a shipped model's name and writes images.
 """
 from __future__ import annotations
 
@@ -23,6 +18,7 @@ import torch
 from . import __version__, data, features
 from .accel import COMPILE_MODES, PRECISIONS, distributed_info, init_distributed
 from .guidance import guided_model
+from .hub import CONFIG_FILE, WEIGHTS_FILE, export_safetensors
 from .io import FILE_KINDS, CheckpointBusy, file_kind, load_checkpoint, sha256
 from .pretrained import PRETRAINED, load_pretrained, load_pretrained_vae, load_weights, save_weights
 from .samplers import SAMPLERS, sample
@@ -199,6 +195,9 @@ def _check_finite_output(model: UNet, schedule: NoiseSchedule, source) -> None:
 
 
 def cmd_export(args) -> None:
+    if args.format == "safetensors":          # a weights file -> a Hub-style folder
+        folder = export_safetensors(args.checkpoint, args.out)
+        return print(f"wrote {folder / WEIGHTS_FILE} and {folder / CONFIG_FILE}")
     state = _training_checkpoint(args.checkpoint)
     meta = {"step": state["step"], "train_config": state["config"], "source": Path(args.checkpoint).name}
     meta.update(args.meta or {})
@@ -342,9 +341,11 @@ def build_parser() -> argparse.ArgumentParser:
     t.set_defaults(func=cmd_train)
 
     e = command("export", "keep the EMA weights of a checkpoint for sampling")
-    e.add_argument("checkpoint", help="training checkpoint, written by `train --checkpoint`")
+    e.add_argument("checkpoint", help="training checkpoint (--format safetensors: weights file)")
     e.add_argument("out", help="weights file to write (EMA weights, U-Net configuration, schedule)")
     e.add_argument("--meta", type=_json_object, help="JSON object of extra metadata to store")
+    e.add_argument("--format", choices=["pt", "safetensors"], default="pt", help="pt: from a "
+                   "checkpoint, one file; safetensors: from a weights file, a folder for the Hub")
     e.set_defaults(func=cmd_export)
 
     s = command("sample", "sample images: a PNG grid and/or a .npy of uint8")

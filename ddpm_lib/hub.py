@@ -1,0 +1,61 @@
+"""Weights as a folder others can use: ``model.safetensors`` (the U-Net's tensors and the
+schedule's betas, no pickle) and ``config.json`` (the U-Net's configuration and the metadata),
+the layout of a Hugging Face Hub model repository. :func:`load_from_hub` reads such a folder,
+or downloads one from the Hub at a pinned revision. Needs the ``hub`` extra
+(``pip install "ddpm_lib[hub]"``: safetensors, huggingface_hub).
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+
+from .pretrained import load_weights
+from .schedules import NoiseSchedule
+from .unet import UNet
+
+FORMAT = "ddpm_lib/safetensors-v1"
+WEIGHTS_FILE, CONFIG_FILE = "model.safetensors", "config.json"
+
+
+def export_safetensors(weights_path, folder) -> Path:
+    """Write the weights file ``weights_path`` (what ``export`` writes, or a shipped model's
+    file) as ``folder``/model.safetensors + config.json. Returns the folder."""
+    from safetensors.torch import save_file
+    model, schedule, meta = load_weights(weights_path)
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    tensors["schedule.betas"] = schedule.float64("betas").contiguous()
+    save_file(tensors, str(folder / WEIGHTS_FILE), metadata={"format": FORMAT})
+    config = {"format": FORMAT, "unet": model.config, "meta": meta}
+    (folder / CONFIG_FILE).write_text(json.dumps(config, indent=1, default=str))
+    return folder
+
+
+def load_from_hub(repo: str | os.PathLike, revision: str | None = None,
+                  device="cpu") -> tuple[UNet, NoiseSchedule, dict]:
+    """``(model in eval mode, schedule, metadata)`` from a folder written by
+    :func:`export_safetensors`, or from the Hub repository ``repo`` ("owner/name") at
+    ``revision`` (a commit hash or tag: required, so a course's model cannot change
+    under it)."""
+    from safetensors.torch import load_file
+    folder = Path(repo)
+    if not folder.is_dir():
+        if not revision:
+            raise ValueError(f"{repo} is not a folder; to download it from the Hugging Face Hub "
+                             "pin a revision (a commit hash or a tag): revision=...")
+        from huggingface_hub import snapshot_download
+        folder = Path(snapshot_download(str(repo), revision=revision,
+                                        allow_patterns=[WEIGHTS_FILE, CONFIG_FILE]))
+    config = json.loads((folder / CONFIG_FILE).read_text())
+    if config.get("format") != FORMAT:
+        raise ValueError(f"{folder / CONFIG_FILE} is not a ddpm_lib export "
+                         f"(format {config.get('format')!r}, expected {FORMAT!r})")
+    tensors = load_file(str(folder / WEIGHTS_FILE), device=str(device))
+    betas = tensors.pop("schedule.betas")
+    model = UNet(**config["unet"]).to(device)
+    model.load_state_dict(tensors)
+    return model.eval(), NoiseSchedule(betas.cpu(), device=device), config.get("meta", {})

@@ -1,0 +1,43 @@
+"""Weights as safetensors in a Hub-style folder (ddpm_lib/hub.py), offline: a shipped model
+exported and loaded back gives the same network, schedule and metadata; a Hub download needs a
+pinned revision; a folder of another kind is refused. The CLI's `export --format safetensors`."""
+import json
+
+import pytest
+import torch
+
+from ddpm_lib.pretrained import PRETRAINED, WEIGHTS_DIR, load_pretrained
+
+pytest.importorskip("safetensors")
+from ddpm_lib.hub import CONFIG_FILE, WEIGHTS_FILE, export_safetensors, load_from_hub  # noqa: E402
+
+
+def test_shipped_model_round_trips_through_safetensors(tmp_path):
+    folder = export_safetensors(WEIGHTS_DIR / PRETRAINED["fashion_mnist_ddpm"]["file"], tmp_path / "m")
+    assert sorted(p.name for p in folder.iterdir()) == sorted([CONFIG_FILE, WEIGHTS_FILE])
+    model, schedule, meta = load_from_hub(folder)
+    ref_model, ref_schedule, ref_meta = load_pretrained("fashion_mnist_ddpm")
+    assert torch.equal(schedule.float64("betas"), ref_schedule.float64("betas"))
+    assert model.config == ref_model.config and meta.keys() == ref_meta.keys()
+    x, t = torch.randn(2, 1, 28, 28, generator=torch.Generator().manual_seed(0)), torch.tensor([10, 500])
+    with torch.no_grad():
+        assert torch.equal(model(x, t), ref_model(x, t))
+
+
+def test_hub_download_needs_a_pinned_revision(tmp_path):
+    with pytest.raises(ValueError, match="pin a revision"):
+        load_from_hub("ddpm-book/fashion-mnist-ddpm")
+
+
+def test_a_folder_of_another_kind_is_refused(tmp_path):
+    (tmp_path / CONFIG_FILE).write_text(json.dumps({"architectures": ["UNet2DModel"]}))
+    with pytest.raises(ValueError, match="not a ddpm_lib export"):
+        load_from_hub(tmp_path)
+
+
+def test_cli_exports_safetensors(tmp_path, capsys):
+    from ddpm_lib.__main__ import main
+    main(["export", "--format", "safetensors",
+          str(WEIGHTS_DIR / PRETRAINED["fashion_mnist_ddpm"]["file"]), str(tmp_path / "out")])
+    assert "model.safetensors" in capsys.readouterr().out
+    assert load_from_hub(tmp_path / "out")[0].config == load_pretrained("fashion_mnist_ddpm")[0].config
