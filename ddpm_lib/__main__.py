@@ -30,7 +30,7 @@ from .viz import save_grid
 # what --out may end with: formats that viz.save_grid (matplotlib, through PIL) writes
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tiff", ".webp", ".pdf", ".svg")
 DEVICE_HELP = "cpu, cuda, cuda:N or mps (default: cuda if there is one)"
-LATENT_MODELS = {"fashion_mnist_latent": load_pretrained_vae}  # shipped latent model -> its VAE
+LATENT_MODELS = sorted(name for name, entry in PRETRAINED.items() if entry.get("latent"))
 BEST_GUIDANCE = 2.0             # chapter 9: the lowest FID-style score of the shipped cfg model
 OPTION_HELP = {"eta": "noise of each step: 0 deterministic, 1 as much as DDPM",
                "sigma": "reverse-step variance: beta (Ho et al.'s choice) or beta_tilde",
@@ -253,7 +253,7 @@ def cmd_sample(args) -> None:
     device = args.device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model, schedule, name = _load_model(args.weights, device)
     c, s = model.config["in_channels"], model.config["image_size"]
-    vae = LATENT_MODELS[name](device) if name in LATENT_MODELS else None
+    vae = load_pretrained_vae(device) if name in LATENT_MODELS else None
     if vae is None and c not in (1, 3):
         raise ValueError(f"{args.weights} makes {c}-channel samples, not images (1 or 3 channels); "
                          f"only the shipped latent models ({', '.join(LATENT_MODELS)}) are decoded")

@@ -29,9 +29,13 @@ def export_safetensors(weights_path, folder) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     tensors["schedule.betas"] = schedule.float64("betas").contiguous()
-    save_file(tensors, str(folder / WEIGHTS_FILE), metadata={"format": FORMAT})
+    # each file is written under a temporary name and renamed: never half a file
+    parts = {name: folder / f".{name}.part" for name in (WEIGHTS_FILE, CONFIG_FILE)}
+    save_file(tensors, str(parts[WEIGHTS_FILE]), metadata={"format": FORMAT})
     config = {"format": FORMAT, "unet": model.config, "meta": meta}
-    (folder / CONFIG_FILE).write_text(json.dumps(config, indent=1, default=str))
+    parts[CONFIG_FILE].write_text(json.dumps(config, indent=1, default=str))
+    for name, part in parts.items():
+        os.replace(part, folder / name)
     return folder
 
 
@@ -57,5 +61,9 @@ def load_from_hub(repo: str | os.PathLike, revision: str | None = None,
     tensors = load_file(str(folder / WEIGHTS_FILE), device=str(device))
     betas = tensors.pop("schedule.betas")
     model = UNet(**config["unet"]).to(device)
-    model.load_state_dict(tensors)
+    try:
+        model.load_state_dict(tensors)
+    except RuntimeError as e:
+        raise ValueError(f"{folder / WEIGHTS_FILE}: its tensors do not fit the network "
+                         f"{CONFIG_FILE} describes ({e})") from e
     return model.eval(), NoiseSchedule(betas.cpu(), device=device), config.get("meta", {})

@@ -42,6 +42,7 @@ PRETRAINED: dict[str, dict] = {
         # pixel U-Net (results/train_latent_shipped_cpu.json)
         recipe=("python scripts/train_part3.py latent --vae ddpm_lib/weights/fashion_mnist_vae.pt "
                 "--only latent --threads 1 --budget 1500 --out ddpm_lib/weights"),
+        latent=True,        # its samples are latents: decode them with load_pretrained_vae()
     ),
 }
 

@@ -41,3 +41,12 @@ def test_cli_exports_safetensors(tmp_path, capsys):
           str(WEIGHTS_DIR / PRETRAINED["fashion_mnist_ddpm"]["file"]), str(tmp_path / "out")])
     assert "model.safetensors" in capsys.readouterr().out
     assert load_from_hub(tmp_path / "out")[0].config == load_pretrained("fashion_mnist_ddpm")[0].config
+
+
+def test_tensors_that_do_not_fit_the_config_are_refused(tmp_path):
+    folder = export_safetensors(WEIGHTS_DIR / PRETRAINED["fashion_mnist_ddpm"]["file"], tmp_path)
+    config = json.loads((folder / CONFIG_FILE).read_text())
+    config["unet"]["base_channels"] = 2 * config["unet"]["base_channels"]
+    (folder / CONFIG_FILE).write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="do not fit the network"):
+        load_from_hub(folder)
