@@ -108,10 +108,11 @@ def setup(seed: int = 0, profile: str | None = None, device: str | None = None, 
     return Setup(device=device, profile=profile, seed=seed)
 
 
-# The measured results that chapters plot (results/ in the repository). In Colab, where only
-# the package is installed, they are fetched from the repository once and checked against
-# these digests (tests/test_data_and_book.py keeps the table equal to results/).
-RESULTS_URL = "https://raw.githubusercontent.com/ddpm-book/ddpm-book/main/results/"
+# The measured results that chapters plot and quote ship inside the package, in
+# ddpm_lib/results/, so a chapter finds them wherever ddpm_lib is installed, with no
+# download. Each is checked against its digest when read, as the weights are
+# (tests/test_data_and_book.py keeps this table equal to the folder).
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
 RESULTS_SHA256 = {
     "bench_cpu.json": "b5bb18522ec1ead114cdcdefc1689a8794d19536a464630e5d504f08a0d7f122",
     "bench_h200.log": "52192d1268952fee9d2496a60b7480a18103e9dfe9605bec892e73a6a7bd13ec",
@@ -127,38 +128,26 @@ RESULTS_SHA256 = {
 
 
 def result_path(name: str) -> Path:
-    """The path of ``results/<name>``: in the repository (from the working folder, its parent,
-    or beside the installed package), else downloaded from the repository into ./results and
-    kept only if its sha256 is the one in :data:`RESULTS_SHA256`.
+    """The path of the shipped result ``name`` (in ``ddpm_lib/results/``), after checking
+    that its sha256 is the one in :data:`RESULTS_SHA256`.
     Used in chapter 10, "Quality at equal training time", and chapter 11, "The benchmark"."""
-    for root in (Path.cwd(), Path.cwd().parent, Path(__file__).resolve().parents[1]):
-        path = root / "results" / name
-        if path.is_file():
-            return path
     if name not in RESULTS_SHA256:
-        raise FileNotFoundError(f"results/{name} is not in this checkout and is not one of the "
-                                f"book's results ({', '.join(sorted(RESULTS_SHA256))})")
-    target = Path("results") / name
-    partial = target.with_name(target.name + ".part")      # renamed only once verified
-    try:
-        import urllib.request
-        target.parent.mkdir(exist_ok=True)
-        urllib.request.urlretrieve(RESULTS_URL + name, partial)
-    except OSError as e:
-        partial.unlink(missing_ok=True)
-        raise FileNotFoundError(f"results/{name} is not in this checkout and could not be downloaded "
-                                f"from {RESULTS_URL + name} ({e}); clone the repository and run from it") from e
-    digest = io.sha256(partial)
+        raise FileNotFoundError(f"{name} is not one of the book's results "
+                                f"({', '.join(sorted(RESULTS_SHA256))})")
+    path = RESULTS_DIR / name
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing: this ddpm_lib was installed without its "
+                                "results; reinstall it (pip install ddpm_lib from the repository)")
+    digest = io.sha256(path)
     if digest != RESULTS_SHA256[name]:
-        partial.unlink()
-        raise ValueError(f"the downloaded results/{name} has sha256 {digest}, not the book's "
-                         f"{RESULTS_SHA256[name]}: not kept (a changed or damaged file)")
-    partial.replace(target)
-    return target
+        raise ValueError(f"{path} has sha256 {digest}, not the book's {RESULTS_SHA256[name]}: "
+                         "a changed or damaged file; reinstall ddpm_lib, or if you regenerated "
+                         "it on purpose, update book.RESULTS_SHA256")
+    return path
 
 
 def load_result(name: str) -> dict:
-    """``results/<name>`` (a JSON file) as a dict; see :func:`result_path`.
+    """the shipped result ``name`` (a JSON file) as a dict; see :func:`result_path`.
     Used where a chapter shows a stored measurement, as in chapters 7 to 10 and chapter 3,
     "The bound of the book's model, in bits per dimension" (``ch03-l0``)."""
     import json

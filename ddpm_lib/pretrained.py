@@ -39,7 +39,7 @@ PRETRAINED: dict[str, dict] = {
         sha256="c2a7080357e831f63a5d28565d85a1eeb1065d395fbb5e728bac806094a65663",
         # a UNet on the 4x7x7 latents of the shipped VAE (load_pretrained_vae): 1099 steps at
         # batch 128 in 1500 s on a shared 2-core CPU with one thread, trained at the same time as a
-        # pixel U-Net (results/train_latent_shipped_cpu.json)
+        # pixel U-Net (ddpm_lib/results/train_latent_shipped_cpu.json)
         recipe=("python scripts/train_part3.py latent --vae ddpm_lib/weights/fashion_mnist_vae.pt "
                 "--only latent --threads 1 --budget 1500 --out ddpm_lib/weights"),
         latent=True,        # its samples are latents: decode them with load_pretrained_vae()

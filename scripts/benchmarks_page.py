@@ -1,10 +1,10 @@
-"""Write the tables of benchmarks.md from the measured results in results/.
+"""Write the tables of benchmarks.md from the measured results in ddpm_lib/results/.
 
     python scripts/benchmarks_page.py          # rewrite the generated part of benchmarks.md
     python scripts/benchmarks_page.py --check  # exit 1 if benchmarks.md is not up to date
 
 Everything between the markers ``<!-- generated -->`` and ``<!-- end generated -->`` comes
-from the files in results/ (written by ddpm_lib.bench and scripts/*.py); nothing is typed by
+from the files in ddpm_lib/results/ (written by ddpm_lib.bench and scripts/*.py); nothing is typed by
 hand, and tests/test_repository.py checks that the page matches the files.
 """
 from __future__ import annotations
@@ -18,7 +18,7 @@ sys.path.insert(0, str(ROOT))  # this checkout's ddpm_lib, installed or not
 from ddpm_lib.bench import read_log  # noqa: E402
 
 PAGE = ROOT / "benchmarks.md"
-RESULTS = ROOT / "results"
+RESULTS = ROOT / "ddpm_lib" / "results"
 BEGIN, END = "<!-- generated -->", "<!-- end generated -->"
 
 

@@ -10,7 +10,7 @@
 #   1. the CIFAR-size network's fast path beside diffusers (the 2x target and MFU, chapter 11);
 #   2. the bf16 variants in float16 with loss scaling, the configuration of a T4, on this GPU;
 #   3. DDIM and DPM-Solver++ at 200 and 500 steps (chapter 8's curve beyond 100 NFE).
-# Afterwards: copy the JSON files into results/ and update the text of chapters 8 and 11 with
+# Afterwards: copy the JSON files into ddpm_lib/results/ and update the text of chapters 8 and 11 with
 # what was measured. scripts/benchmarks_page.py does not read these three files yet: add a
 # table for each there (it reads bench_h200.log, bench_cpu.json, sweep_h200.json today).
 set -u

@@ -1,5 +1,5 @@
 """The shipped model's negative log-likelihood bound on the Fashion-MNIST test set, in bits
-per dimension (ddpm_lib.likelihood.nll_bound), written to results/nll_bound_cpu.json for
+per dimension (ddpm_lib.likelihood.nll_bound), written to ddpm_lib/results/nll_bound_cpu.json for
 Chapter 3.
 
     python scripts/likelihood_bound.py                     # 1000 test images, 32 strata of t
@@ -37,7 +37,7 @@ def main(argv=None) -> None:
     p.add_argument("--sigma", choices=["beta", "beta_tilde"], default="beta")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=0)
-    p.add_argument("--out", default=str(ROOT / "results" / "nll_bound_cpu.json"))
+    p.add_argument("--out", default=str(ROOT / "ddpm_lib" / "results" / "nll_bound_cpu.json"))
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)

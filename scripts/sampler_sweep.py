@@ -1,6 +1,6 @@
 """Score samples of the shipped models for the Part III chapters; write one JSON.
 
-    python scripts/sampler_sweep.py --n 2000 --out results/sweep.json [--weights ddpm_lib/weights]
+    python scripts/sampler_sweep.py --n 2000 --out ddpm_lib/results/sweep.json [--weights ddpm_lib/weights]
 
 * ``samplers``: the pretrained unconditional model with DDPM (1000 steps), DDIM (eta 0) and
   DPM-Solver++(2M) at several numbers of network evaluations (NFE);
@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from ddpm_lib import autoencoder, features, metrics
+from ddpm_lib import autoencoder, book, features, metrics
 from ddpm_lib.pretrained import load_pretrained, load_weights
 from ddpm_lib.samplers import SAMPLERS, dpm_solver_sample, guided_model
 from ddpm_lib.samplers import sample as run_sampler
@@ -51,7 +51,7 @@ def main() -> None:
     p.add_argument("--n", type=int, default=2000)
     p.add_argument("--batch", type=int, default=1000)
     p.add_argument("--weights", type=Path, default=Path("ddpm_lib/weights"))
-    p.add_argument("--out", type=Path, default=Path("results/sweep.json"))
+    p.add_argument("--out", type=Path, default=Path("ddpm_lib/results/sweep.json"))
     p.add_argument("--nfe", default="5,10,20,50,100")
     p.add_argument("--ddpm", action="store_true", help="also DDPM with all 1000 steps")
     p.add_argument("--w", default="0,1,2,3,5")
@@ -119,9 +119,11 @@ def main() -> None:
             save()
     if "latent" in parts and (args.weights / "fashion_mnist_vae.pt").exists():
         vae = autoencoder.load_vae(args.weights / "fashion_mnist_vae.pt", device)
-        # the two models of Chapter 10's equal-time run (results/latent_vs_pixel_cpu.json)
-        latent_model, schedule, _ = load_weights(Path("results/fashion_mnist_latent_equal_time.pt"), device)
-        pixel_model, _, _ = load_weights(Path("results/fashion_mnist_pixel_equal_time.pt"), device)
+        # the two models of Chapter 10's equal-time run (ddpm_lib/results/latent_vs_pixel_cpu.json)
+        latent_model, schedule, _ = load_weights(
+            book.result_path("fashion_mnist_latent_equal_time.pt"), device)
+        pixel_model, _, _ = load_weights(
+            book.result_path("fashion_mnist_pixel_equal_time.pt"), device)
         z, seconds = sample(latent_model, schedule, args.n, "dpm_solver", 20, device, args.batch, clip_x0=False)
         x = torch.cat([vae.decode_latents(z[i:i + args.batch].to(device)).cpu() for i in range(0, len(z), args.batch)])
         result["latent"] = dict(seconds=round(seconds, 2), **score(x))

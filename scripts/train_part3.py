@@ -15,7 +15,7 @@ into ``--out``. The budget stops training at the first step past it (compilation
 Without ``--only``, the latent and the pixel model train one after the other, with the same
 recipe and warm-up (the third command: Chapter 10's comparison at equal training time); the
 JSON records the 1-minute load average before and after each, to show the machine was idle.
-The book keeps that run's files in results/ under the names Chapter 10 reads:
+The book keeps that run's files in ddpm_lib/results/ under the names Chapter 10 reads:
 train_latent.json -> latent_vs_pixel_cpu.json, fashion_mnist_latent_unet.pt ->
 fashion_mnist_latent_equal_time.pt, fashion_mnist_pixel_equal_time.pt unchanged.
 """

@@ -48,7 +48,7 @@ def test_a_failed_row_or_another_line_gives_none():
 
 
 def test_read_log_reads_the_saved_gpu_log():
-    env, rows = read_log(ROOT / "results" / "bench_h200.log")
+    env, rows = read_log(ROOT / "ddpm_lib" / "results" / "bench_h200.log")
     assert env["gpu"] == "NVIDIA H200"
     assert env["date"] == "2026-11-26" and env["torch"] == "2.11.0+cu130"
     assert len(rows) == 9

@@ -2,7 +2,7 @@
 
 The chapter checks the score relation and Tweedie's formula on one-pixel data; here the score
 relation is checked in two dimensions, where each coordinate of the gradient is a different
-finite difference. The likelihood section quotes results/nll_bound_cpu.json in its prose; if the
+finite difference. The likelihood section quotes ddpm_lib/results/nll_bound_cpu.json in its prose; if the
 file is measured again, the test says which sentence went stale.
 """
 import json
@@ -17,7 +17,7 @@ from ddpm_lib.likelihood import _strata_edges
 from ddpm_lib.pretrained import PRETRAINED
 
 ROOT = Path(__file__).resolve().parents[1]
-RESULT = json.loads((ROOT / "results" / "nll_bound_cpu.json").read_text())
+RESULT = json.loads((ROOT / "ddpm_lib" / "results" / "nll_bound_cpu.json").read_text())
 
 
 def chapter_prose():
@@ -74,4 +74,4 @@ def test_chapter_prose_quotes_the_stored_bound():
         f"About {RESULT['decoder']:.1f} of the {RESULT['bits_per_dim']:.1f} bits per pixel",
     ]
     missing = [q for q in quoted if q not in " ".join(prose.split())]
-    assert not missing, f"Chapter 3 no longer quotes results/nll_bound_cpu.json as: {missing}"
+    assert not missing, f"Chapter 3 no longer quotes ddpm_lib/results/nll_bound_cpu.json as: {missing}"

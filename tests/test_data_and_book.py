@@ -99,43 +99,35 @@ def test_checkpoint_dir(tmp_path, monkeypatch):
     assert book.checkpoint_dir("ddpm-book") == tmp_path / "drive" / "MyDrive" / "ddpm-book"
 
 
-def test_results_are_found_in_the_repository_or_fetched(tmp_path, monkeypatch):
+def test_results_ship_with_the_package_and_are_verified(tmp_path, monkeypatch):
+    """Results are read from ddpm_lib/results/ whatever the working folder, only with the
+    right digest; nothing is downloaded."""
     from ddpm_lib import book
-    assert book.load_result("sweep_h200.json")["n"] == 2000          # the committed file
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(book, "RESULTS_URL", (tmp_path / "nowhere").as_uri() + "/")
+    monkeypatch.chdir(tmp_path)                  # no results/ here
+    assert book.load_result("sweep_h200.json")["n"] == 2000
     with pytest.raises(FileNotFoundError, match="not one of the book's results"):
         book.result_path("no_such_result.json")
-    monkeypatch.setattr(book, "__file__", str(tmp_path / "site" / "ddpm_lib" / "book.py"))
-    with pytest.raises(FileNotFoundError, match="could not be downloaded"):
-        book.result_path("sweep_h200.json")
-    assert not (tmp_path / "results" / "sweep_h200.json.part").exists()
-
-
-def test_results_table_matches_the_repository():
-    """Every file in results/ has its sha256 in book.RESULTS_SHA256 (and nothing else does):
-    after regenerating a result, update the table, or downloads of it are refused."""
-    from ddpm_lib import book, io
-    files = {p.name: io.sha256(p) for p in (ROOT / "results").iterdir() if p.is_file()}
-    assert book.RESULTS_SHA256 == files
-
-
-def test_downloaded_results_are_kept_only_with_the_right_digest(tmp_path, monkeypatch):
-    from ddpm_lib import book
-    server = tmp_path / "server"
-    server.mkdir()
-    (server / "sweep_h200.json").write_bytes((ROOT / "results" / "sweep_h200.json").read_bytes())
-    (server / "nll_bound_cpu.json").write_text('{"tampered": true}')
-    work = tmp_path / "elsewhere" / "work"
-    work.mkdir(parents=True)
-    monkeypatch.chdir(work)                     # no results/ here or in the parent
-    monkeypatch.setattr(book, "__file__", str(tmp_path / "site" / "ddpm_lib" / "book.py"))
-    monkeypatch.setattr(book, "RESULTS_URL", server.as_uri() + "/")
+    copy = tmp_path / "results"
+    copy.mkdir()
+    for name in ("sweep_h200.json", "nll_bound_cpu.json"):
+        (copy / name).write_bytes((book.RESULTS_DIR / name).read_bytes())
+    (copy / "nll_bound_cpu.json").write_text('{"tampered": true}')
+    monkeypatch.setattr(book, "RESULTS_DIR", copy)
     assert book.load_result("sweep_h200.json")["n"] == 2000
-    assert (work / "results" / "sweep_h200.json").is_file()
-    with pytest.raises(ValueError, match="not kept"):
+    with pytest.raises(ValueError, match="a changed or damaged file"):
         book.result_path("nll_bound_cpu.json")
-    assert not any(p.name.startswith("nll_bound_cpu") for p in (work / "results").iterdir())
+    with pytest.raises(FileNotFoundError, match="installed without its results"):
+        book.result_path("bench_cpu.json")
+    assert not hasattr(book, "RESULTS_URL")
+
+
+def test_results_table_matches_the_folder():
+    """Every file in ddpm_lib/results/ has its sha256 in book.RESULTS_SHA256 (and nothing
+    else does): after regenerating a result, update the table, or reading it is refused."""
+    from ddpm_lib import book, io
+    folder = ROOT / "ddpm_lib" / "results"
+    files = {p.name: io.sha256(p) for p in folder.iterdir() if p.is_file()}
+    assert book.RESULTS_SHA256 == files
 
 
 def test_cifar10_python_batches(fake_cifar10):

@@ -83,7 +83,7 @@ def test_readme_opens_every_chapter_in_colab():
 
 
 def test_benchmarks_page_matches_the_results():
-    """benchmarks.md's tables are written from results/ by scripts/benchmarks_page.py."""
+    """benchmarks.md's tables are written from ddpm_lib/results/ by scripts/benchmarks_page.py."""
     import subprocess
     import sys
     proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "benchmarks_page.py"), "--check"],
