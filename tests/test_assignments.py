@@ -27,6 +27,8 @@ import pytest
 import torch
 import yaml
 
+import ddpm_lib
+
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = [
     pytest.mark.skipif(sys.version_info < (3, 10), reason="otter-grader needs Python 3.10 or newer"),
@@ -237,11 +239,15 @@ def test_the_tests_give_partial_credit(built, tmp_path):
 def test_the_student_version_starts_with_the_books_setup_cell(built):
     code = [c for c in _read(built.student).cells if c.cell_type == "code"]
     assert code[0].source == (
-        "# Setup. In Colab: install ddpm_lib from the book's repository (Colab's own torch is kept)\n"
-        "# and otter-grader, which checks your answers. Locally and in CI: nothing to install.\n"
-        "import sys\n"
-        'if "google.colab" in sys.modules:\n'
-        f'    %pip install -q "git+{URL}" "otter-grader==7.0.0"\n'
+        "# Setup: where ddpm_lib or otter-grader (which checks your answers) is missing\n"
+        "# (Colab, Kaggle, Binder), install them; ddpm_lib is pinned to the book's\n"
+        "# release and torch is kept. If pip then asks you to restart the runtime, do\n"
+        "# so and run this cell again.\n"
+        f'REPO = "git+{URL}@v{ddpm_lib.__version__}"\n'
+        "try:\n"
+        "    import ddpm_lib, otter\n"
+        "except ImportError:\n"
+        '    %pip install "ddpm_lib @ {REPO}" "otter-grader==7.0.0"\n'
         "from ddpm_lib import book\n"
         "cfg = book.setup()")
     # the otter-grader the setup cell installs in Colab is the one the book's requirements pin

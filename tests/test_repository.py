@@ -15,19 +15,23 @@ CONFIG = yaml.safe_load((ROOT / "_config.yml").read_text())
 URL = CONFIG["repository"]["url"].rstrip("/")
 CHAPTERS = sorted((ROOT / "chapters").glob("*.ipynb"))
 
-SETUP_CELL = f'''# Setup. In Colab, install ddpm_lib from the book's repository
-# (Colab's torch is kept).
-# Locally and in CI: nothing to install.
-import sys
-if "google.colab" in sys.modules:
-    %pip install -q "git+{URL}"
+VERSION = re.search(r'^__version__ = "([^"]+)"$', (ROOT / "ddpm_lib" / "__init__.py").read_text(),
+                    re.M).group(1)
+TAG = f"v{VERSION}"           # the release the chapters install and Colab opens (scripts/release.py)
+SETUP_CELL = f'''# Setup: where ddpm_lib is missing (Colab, Kaggle, Binder), install it,
+# pinned to the release these chapters were written for (torch is kept).
+REPO = "git+{URL}@{TAG}"
+try:
+    import ddpm_lib
+except ImportError:
+    %pip install -q "ddpm_lib[book] @ {{REPO}}"
 from ddpm_lib import book
 cfg = book.setup()'''
 
 
 def test_repository_settings():
     assert URL.startswith("https://github.com/")
-    assert CONFIG["repository"]["branch"] == "main"
+    assert CONFIG["repository"]["branch"] == TAG     # the launch buttons open the release
     assert CONFIG["launch_buttons"]["colab_url"] == "https://colab.research.google.com"
 
 
@@ -46,7 +50,7 @@ def test_every_repository_link_agrees(path):
     assert links, f"{path} names no repository"
     assert links == {URL}, f"{path} links to {links - {URL}}; the repository is {URL} (_config.yml)"
     for colab in re.findall(r"https://colab\.research\.google\.com/github/([\w.-]+/[\w.-]+)/blob/(\w+)/", text):
-        assert f"https://github.com/{colab[0]}" == URL and colab[1] == "main"
+        assert f"https://github.com/{colab[0]}" == URL and colab[1] == TAG
 
 
 def test_chapters_are_in_the_toc():
@@ -79,7 +83,7 @@ def test_readme_opens_every_chapter_in_colab():
     readme = (ROOT / "README.md").read_text()
     colab = URL.replace("https://github.com/", "https://colab.research.google.com/github/")
     for nb in CHAPTERS:
-        assert f"({colab}/blob/main/chapters/{nb.name})" in readme, f"README has no Colab link for {nb.name}"
+        assert f"({colab}/blob/{TAG}/chapters/{nb.name})" in readme, f"README has no Colab link for {nb.name}"
 
 
 def test_benchmarks_page_matches_the_results():
