@@ -1,7 +1,8 @@
 """Weights as a folder others can use: ``model.safetensors`` (the U-Net's tensors and the
 schedule's betas, no pickle) and ``config.json`` (the U-Net's configuration and the metadata),
-the layout of a Hugging Face Hub model repository. :func:`load_from_hub` reads such a folder,
-or downloads one from the Hub at a pinned revision. Needs the ``hub`` extra
+the layout of a Hugging Face Hub model repository. :func:`push_to_hub` uploads such a folder
+and returns the commit to pin; :func:`load_from_hub` reads a folder, or downloads one from the
+Hub at a pinned revision. Needs the ``hub`` extra
 (``pip install "ddpm_lib[hub]"``: safetensors, huggingface_hub).
 """
 from __future__ import annotations
@@ -37,6 +38,28 @@ def export_safetensors(weights_path, folder) -> Path:
     for name, part in parts.items():
         os.replace(part, folder / name)
     return folder
+
+
+def push_to_hub(folder, repo_id: str, *, token: str | None = None, private: bool = False,
+                message: str = "Upload ddpm_lib weights") -> str:
+    """Upload ``folder`` (written by :func:`export_safetensors`) to the Hub model repository
+    ``repo_id`` ("owner/name", created if missing) with ``token`` (default: the one
+    ``huggingface-cli login`` saved). Returns the commit hash: pass it to
+    :func:`load_from_hub` as ``revision``."""
+    folder = Path(folder)
+    missing = [n for n in (WEIGHTS_FILE, CONFIG_FILE) if not (folder / n).is_file()]
+    if missing:
+        raise ValueError(f"{folder} lacks {', '.join(missing)}: write it first with "
+                         "python -m ddpm_lib export WEIGHTS FOLDER --format safetensors")
+    if json.loads((folder / CONFIG_FILE).read_text()).get("format") != FORMAT:
+        raise ValueError(f"{folder / CONFIG_FILE} is not a ddpm_lib export ({FORMAT})")
+    from huggingface_hub import HfApi
+    api = HfApi(token=token)
+    api.create_repo(repo_id, repo_type="model", private=private, exist_ok=True)
+    commit = api.upload_folder(folder_path=str(folder), repo_id=repo_id, repo_type="model",
+                               allow_patterns=[WEIGHTS_FILE, CONFIG_FILE],
+                               commit_message=message)
+    return commit.oid
 
 
 def load_from_hub(repo: str | os.PathLike, revision: str | None = None,

@@ -2,6 +2,7 @@
 exported and loaded back gives the same network, schedule and metadata; a Hub download needs a
 pinned revision; a folder of another kind is refused. The CLI's `export --format safetensors`."""
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -50,3 +51,34 @@ def test_tensors_that_do_not_fit_the_config_are_refused(tmp_path):
     (folder / CONFIG_FILE).write_text(json.dumps(config))
     with pytest.raises(ValueError, match="do not fit the network"):
         load_from_hub(folder)
+
+
+def test_push_to_hub_uploads_an_export_and_returns_the_commit(tmp_path, monkeypatch):
+    """Offline: huggingface_hub's HfApi is replaced by a recorder; what would be uploaded is
+    the export's two files, and the returned commit is what load_from_hub pins."""
+    huggingface_hub = pytest.importorskip("huggingface_hub")
+    from ddpm_lib.hub import push_to_hub
+    calls = []
+
+    class Recorder:
+        def __init__(self, token=None):
+            calls.append(("token", token))
+
+        def create_repo(self, repo_id, **kw):
+            calls.append(("create", repo_id, kw["exist_ok"]))
+
+        def upload_folder(self, folder_path, repo_id, **kw):
+            calls.append(("upload", sorted(p.name for p in Path(folder_path).iterdir()),
+                          repo_id, kw["allow_patterns"]))
+            return type("Commit", (), {"oid": "0123abcd"})()
+
+    monkeypatch.setattr(huggingface_hub, "HfApi", Recorder)
+    with pytest.raises(ValueError, match="lacks model.safetensors, config.json"):
+        push_to_hub(tmp_path, "me/model")
+    folder = export_safetensors(WEIGHTS_DIR / PRETRAINED["fashion_mnist_ddpm"]["file"], tmp_path / "m")
+    assert push_to_hub(folder, "me/model", token="hf_x") == "0123abcd"
+    assert calls == [("token", "hf_x"), ("create", "me/model", True),
+                     ("upload", [CONFIG_FILE, WEIGHTS_FILE], "me/model", [WEIGHTS_FILE, CONFIG_FILE])]
+    (folder / CONFIG_FILE).write_text('{"format": "other"}')
+    with pytest.raises(ValueError, match="not a ddpm_lib export"):
+        push_to_hub(folder, "me/model")
