@@ -62,6 +62,14 @@ class Setup:
     profile: str
     seed: int
 
+    @property
+    def progress(self) -> bool:
+        """Whether long runs show a progress bar (``progress=cfg.progress``): in the cpu and
+        gpu profiles, unless ``DDPM_PROGRESS=0``. Off in smoke, whose stderr nbval compares,
+        and when scripts/execute_chapter.py writes the book's outputs (no stale bars on
+        the page)."""
+        return self.profile != "smoke" and os.environ.get("DDPM_PROGRESS", "1") != "0"
+
     def pick(self, **by_profile):
         """The value for the current profile: ``pick(smoke=10, cpu=200, gpu=5000)``."""
         missing = [p for p in PROFILES if p not in by_profile]

@@ -21,6 +21,7 @@ def execute(path: Path, profile: str, timeout: int, write: bool = True) -> float
     nb = nbformat.read(path, as_version=4)
     env_before = os.environ.get("DDPM_PROFILE")
     os.environ["DDPM_PROFILE"] = profile
+    os.environ["DDPM_PROGRESS"] = "0"      # no progress bars in the committed outputs
     try:
         client = NotebookClient(nb, timeout=timeout, kernel_name="python3", store_widget_state=True,
                                 resources={"metadata": {"path": str(path.parent)}})

@@ -285,3 +285,12 @@ def test_images_of_the_wrong_shape_are_refused(tmp_path, monkeypatch):
     monkeypatch.setenv("DDPM_DATA", str(tmp_path))
     with pytest.raises(ValueError, match=r"shape \(1, 14, 14\), not MNIST's \(1, 28, 28\)"):
         data.load("mnist", "test", download=False)
+
+
+def test_progress_bars_show_outside_smoke_and_the_book_executor(monkeypatch):
+    from ddpm_lib import book
+    monkeypatch.delenv("DDPM_PROGRESS", raising=False)
+    shown = {p: book.setup(profile=p, device="cpu", quiet=True).progress for p in book.PROFILES}
+    assert shown == {"smoke": False, "cpu": True, "gpu": True}
+    monkeypatch.setenv("DDPM_PROGRESS", "0")        # as scripts/execute_chapter.py sets it
+    assert not book.setup(profile="cpu", device="cpu", quiet=True).progress

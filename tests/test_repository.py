@@ -208,3 +208,16 @@ def test_library_source_printed_by_chapters_fits_the_column():
                 bad += [f"{nb_path.name} prints {name}: {line.strip()[:60]}..."
                         for line in inspect.getsource(obj).split("\n") if len(line) > CODE_LINE_LIMIT]
     assert not bad, "\n".join(bad)
+
+
+def test_long_runs_show_progress():
+    """Cells whose outputs nbval ignores hold the profile-sized (long) runs: none of them may
+    switch the progress bar off; they pass progress=cfg.progress (off in smoke)."""
+    silent = []
+    for nb_path in CHAPTERS:
+        for i, cell in enumerate(json.loads(nb_path.read_text())["cells"]):
+            tags = cell["metadata"].get("tags", [])
+            if cell["cell_type"] == "code" and "nbval-ignore-output" in tags:
+                if "progress=False" in "".join(cell["source"]):
+                    silent.append(f"{nb_path.name} cell {i}")
+    assert not silent, f"long runs without a progress bar: {silent}"
