@@ -354,7 +354,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--n", type=_at_least(1), default=64, help="number of images (--label all: per class)")
     s.add_argument("--sampler", choices=sorted(SAMPLERS), default="ddpm",
                    help=", ".join(f"{name} ({entry.label})" for name, entry in sorted(SAMPLERS.items())))
-    s.add_argument("--steps", type=_at_least(1), help="network calls (default: " + ", ".join(
+    s.add_argument("--steps", type=_at_least(1), help="timesteps (1 network call each, heun 2) (default: " + ", ".join(
         f"{name} {entry.steps or 'all T'}" for name, entry in sorted(SAMPLERS.items())) + ")")
     for name in OPTIONS:            # a flag for each option of the registry's samplers
         takers = {n: entry.options[name] for n, entry in sorted(SAMPLERS.items()) if name in entry.options}

@@ -116,6 +116,15 @@ MUTATIONS = [
     ("trusted_inputs does not switch the value checks off", "ddpm_lib/checks.py",
      "return not torch.compiler.is_compiling() and not _trusted.get()",
      "return not torch.compiler.is_compiling()"),
+    ("Heun: the corrector takes the end slope alone (first order)", "ddpm_lib/sde.py",
+     "y_prev = y + h * 0.5 * (eps + eps_end)", "y_prev = y + h * eps_end"),
+    ("Euler-Maruyama: drift -beta x instead of -beta x / 2", "ddpm_lib/sde.py",
+     "mean = x_t + beta * (x_t / 2 - score_term)", "mean = x_t + beta * (x_t - score_term)"),
+    ("Euler-Maruyama: noise on the last step too", "ddpm_lib/sde.py",
+     "    if t_prev < 0:\n        return StepOutput(mean, x0_hat)\n", "\n"),
+    ("EDM grid: rho = 3 in the interior (the end points kept)", "ddpm_lib/sde.py",
+     "lo, hi = sigma_min ** (1.0 / rho), sigma_max ** (1.0 / rho)",
+     "lo, hi = sigma_min ** (1.0 / 3), sigma_max ** (1.0 / 3)\n    rho = 3.0"),
 ]
 
 

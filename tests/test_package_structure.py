@@ -86,8 +86,8 @@ def test_imports_flow_one_way():
 
 # the order data flows in (ddpm_lib/__init__.py and DESIGN.md say it in words)
 ORDER = ["checks", "io", "data", "diffusion", "schedules", "analytic", "likelihood", "layers", "unet",
-         "accel", "runs", "ema", "autoencoder", "pretrained", "hub", "train", "guidance", "samplers", "interop",
-         "features", "metrics", "viz", "__init__", "book", "bench", "__main__"]
+         "accel", "runs", "ema", "autoencoder", "pretrained", "hub", "train", "guidance", "samplers", "sde",
+         "interop", "features", "metrics", "viz", "__init__", "book", "bench", "__main__"]
 
 
 def test_no_module_imports_a_later_one():

@@ -514,8 +514,8 @@ def test_a_two_evaluation_sampler_is_one_step_function_too(monkeypatch, linear):
 
 def test_sampler_names_and_options_are_checked(linear):
     model = gaussian_eps_predictor(linear, MU, SIGMA_DATA)
-    with pytest.raises(ValueError, match="sampler must be one of ddim, ddpm, dpm_solver"):
-        sample(model, linear, (1, 1, 2, 2), sampler="heun")
+    with pytest.raises(ValueError, match="sampler must be one of ddim, ddpm, dpm_solver, euler"):
+        sample(model, linear, (1, 1, 2, 2), sampler="plms")
     with pytest.raises(ValueError, match="ddpm sampler has no option eta; it takes sigma"):
         sample(model, linear, (1, 1, 2, 2), sampler="ddpm", eta=1.0)
     with pytest.raises(ValueError, match="no option return_trajectory.*trajectory=Trajectory()"):
