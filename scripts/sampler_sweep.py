@@ -9,6 +9,11 @@
 * ``latent``: latent diffusion vs the pixel model trained for the same time;
 * ``grid``: solver and timestep grid as two separate factors: DDIM (DPM-Solver++ of order
   1) and DPM-Solver++(2M), each on the grid even in t and on the grid even in log-SNR;
+* ``sde``: the solvers of the reverse SDE and the probability-flow ODE at a budget of
+  network evaluations (``--nfe``), each on three grids (even in t, EDM's noise levels, even
+  in log-SNR): Euler-Maruyama (stochastic, first order), DDIM (= Euler on the ODE, first
+  order), Heun (second order, two calls per step but the last: ``steps = (nfe + 1) // 2``)
+  and DPM-Solver++(2M) (second order, one call per step);
 * ``floor``: real held-out images of the same count.
 
 Every score is :func:`ddpm_lib.metrics.evaluate` against the training set's features.
@@ -88,6 +93,21 @@ def main() -> None:
             print(rows[-1], flush=True)
             result["samplers"] = rows
             save()
+    if "sde" in parts:
+        model, schedule, _ = load_pretrained(device=device)
+        rows = []
+        for nfe in (int(k) for k in args.nfe.split(",")):
+            for spacing in ("time", "edm", "logsnr"):
+                for solver in ("euler_maruyama", "ddim", "heun", "dpm_solver"):
+                    steps = (nfe + 1) // 2 if solver == "heun" else nfe
+                    calls = 2 * steps - 1 if solver == "heun" else steps
+                    x, seconds = sample(model, schedule, args.n, solver, steps, device, args.batch,
+                                        spacing=spacing)
+                    rows.append(dict(solver=solver, spacing=spacing, steps=steps, nfe=calls,
+                                     seconds=round(seconds, 2), **score(x)))
+                    print(rows[-1], flush=True)
+                    result["sde"] = rows
+                    save()
     if "grid" in parts:
         model, schedule, _ = load_pretrained(device=device)
         rows = []

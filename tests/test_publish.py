@@ -69,13 +69,13 @@ def test_extras_declare_what_the_chapters_import():
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     extras = project["optional-dependencies"]
     names = {key: {re.split(r"[<>=\[ ;]", dep)[0].lower() for dep in deps} for key, deps in extras.items()}
-    assert {"scipy", "ipywidgets"} <= names["book"]
+    assert {"scipy", "ipywidgets", "diffusers"} <= names["book"]
     assert "pytorch-fid" in names["fid"] and "diffusers" in names["bench"]
     assert {"huggingface_hub", "safetensors"} <= names["hub"]
     assert project["scripts"]["ddpm"] == "ddpm_lib.__main__:main"
     imported = set()
     for nb in (ROOT / "chapters").glob("*.ipynb"):
-        imported |= set(re.findall(r"^\s*(?:import|from) (scipy|ipywidgets)\b", nb.read_text()
+        imported |= set(re.findall(r"^\s*(?:import|from) (scipy|ipywidgets|diffusers)\b", nb.read_text()
                                    .replace('\\n",', "\n"), flags=re.M))
     assert imported <= names["book"], f"chapters import {imported - names['book']} not in [book]"
     assert "-e .[book]" in (ROOT / "requirements.txt").read_text().splitlines()
