@@ -22,12 +22,13 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .accel import COMPILE_MODES, FastPath, check_precision, distributed_info, fast_path
 from .checks import training_data, trusted_inputs
 from .io import save_checkpoint
+from .objectives import check as check_objective
+from .objectives import diffusion_loss, loss_simple  # noqa: F401  (loss_simple: chapter 5)
 from .ema import EMA
 from .runs import (Generators, LossLog, hold_checkpoint, lr_at, optimizer_step, read_resumable,
                    resume_differences, unusable_weights)
@@ -55,6 +56,10 @@ class TrainConfig:
     channels_last: bool | None = None  # NHWC memory layout for the convolutions
     compile: bool | str | None = None  # torch.compile the loss; a string picks the mode
     data_on_device: bool | None = None  # keep the dataset on the GPU and draw batches there
+    # what the network predicts and how timesteps are weighted (ddpm_lib.objectives)
+    prediction: str = "eps"          # "eps" | "x0" | "v" | "flow" (flow matching's velocity)
+    weighting: str = "uniform"       # "uniform" (L_simple) | "min_snr" (min(SNR, gamma) clamp)
+    snr_gamma: float = 5.0
     seed: int = 0
     checkpoint_every: int = 0        # 0: only at the end (when a checkpoint path is given)
     log_every: int = 10              # record the loss every this many steps
@@ -73,38 +78,12 @@ class TrainConfig:
         if self.grad_clip is not None and not self.grad_clip > 0:
             raise ValueError(f"grad_clip must be positive or None, got {self.grad_clip}")
         check_precision(self.precision)
+        check_objective(self.prediction, self.weighting, self.snr_gamma)
         if self.compile not in COMPILE_MODES:
             raise ValueError(f"compile must be one of {COMPILE_MODES}, got {self.compile!r}")
         if self.checkpoint_every < 0 or self.log_every < 1 or self.warmup_steps < 0:
             raise ValueError("checkpoint_every and warmup_steps must be >= 0, log_every >= 1")
 
-
-
-def loss_simple(model, schedule, x0: Tensor, t: Tensor, eps: Tensor, y: Tensor | None = None,
-                reduction: str = "mean") -> Tensor:
-    """L_simple = || eps - eps_theta(sqrt(alpha_bar) x0 + sqrt(1 - alpha_bar) eps, t) ||^2,
-    the mean over pixels of each image, then over the batch. Taught in chapter 3 (the
-    derivation) and chapter 5, "Algorithm 1, line by line".
-
-    ``model(x_t, t)`` (or ``model(x_t, t, y)`` when labels ``y`` are given) predicts eps;
-    ``x0``, ``eps`` (B, C, H, W), ``t`` (B,). ``reduction="none"`` returns one loss per
-    image, shape ``(B,)``.
-    """
-    if reduction not in ("mean", "none"):
-        raise ValueError(f"reduction must be 'mean' or 'none', got {reduction!r}")
-    if not isinstance(eps, torch.Tensor):
-        raise ValueError("eps (the noise added to x0) must be a tensor shaped like x0, "
-                         f"got {type(eps).__name__}")
-    x_t, _ = schedule.q_sample(x0, t, eps)
-    eps_pred = model(x_t, t) if y is None else model(x_t, t, y)
-    if not isinstance(eps_pred, torch.Tensor) or eps_pred.shape != eps.shape:
-        # F.mse_loss would broadcast a wrong shape, e.g. (B, 1, 1, 1), with only a warning
-        got = (tuple(eps_pred.shape) if isinstance(eps_pred, torch.Tensor)
-               else type(eps_pred).__name__)
-        raise ValueError(f"the model must return eps shaped like x_t, {tuple(eps.shape)}; "
-                         f"got {got}")
-    per_image = F.mse_loss(eps_pred.float(), eps.float(), reduction="none").flatten(1).mean(1)
-    return per_image if reduction == "none" else per_image.mean()
 
 
 @dataclass
@@ -161,7 +140,8 @@ def draw_batch(gens: Generators, images: Tensor, labels: Tensor | None, config: 
 # switches (precision, channels_last, compile, data_on_device). The run then goes on from the
 # checkpoint as asked, but no longer bit for bit as one uninterrupted run would (changing
 # data_on_device, or the device, changes which generator draws the batches).
-RESUME_MUST_MATCH = ("seed", "batch_size", "hflip", "label_dropout", "ema_decay", "weight_decay")
+RESUME_MUST_MATCH = ("seed", "batch_size", "hflip", "label_dropout", "ema_decay", "weight_decay",
+                     "prediction", "weighting", "snr_gamma")
 
 
 @dataclass
@@ -186,7 +166,9 @@ class Run:
     last_good: int | None = None     # the step of the last checkpoint known good
 
     def loss_on_probe(self, net: torch.nn.Module) -> Tensor:
-        return loss_simple(net, self.schedule, *self.probe)
+        c = self.config
+        return diffusion_loss(net, self.schedule, *self.probe, prediction=c.prediction,
+                              weighting=c.weighting, snr_gamma=c.snr_gamma)
 
     def unusable(self) -> str | None:
         return unusable_weights({"the model": self.model, "the EMA model": self.ema.model},
@@ -301,8 +283,9 @@ def _place(model, schedule, images: Tensor, labels: Tensor | None, device: torch
     return schedule, images, labels
 
 
-def loss_function(model, schedule, fast: FastPath, device: torch.device):
-    """``(x0, t, eps, y) -> per-image L_simple (B,)`` for the training step: under the run's
+def loss_function(model, schedule, config: TrainConfig, fast: FastPath, device: torch.device):
+    """``(x0, t, eps, y) -> per-image loss (B,)`` for the training step (L_simple, or the
+    prediction and weighting of ``config``, :func:`ddpm_lib.objectives.diffusion_loss`): under the run's
     autocast, through DistributedDataParallel with several processes, compiled if asked.
     Taught in chapter 11, "torch.compile" (``ch11-compile``), with DDP in ``ch11-ddp``."""
     net = model
@@ -312,7 +295,9 @@ def loss_function(model, schedule, fast: FastPath, device: torch.device):
 
     def per_image_loss(x0, t, eps, y):
         with fast.autocast(device):
-            return loss_simple(net, schedule, x0, t, eps, y=y, reduction="none")
+            return diffusion_loss(net, schedule, x0, t, eps, y=y, prediction=config.prediction,
+                                  weighting=config.weighting, snr_gamma=config.snr_gamma,
+                                  reduction="none")
     return torch.compile(per_image_loss, mode=fast.compile) if fast.compile else per_image_loss
 
 
@@ -320,7 +305,8 @@ def train(model: torch.nn.Module, schedule, images: Tensor, config: TrainConfig 
           labels: Tensor | None = None, checkpoint: str | os.PathLike | None = None,
           resume: bool = True, device=None, progress: bool = True, check_range: bool = True,
           callback=None, **overrides) -> TrainResult:
-    """Train ``model`` to predict eps with L_simple on ``images`` (N, C, H, W) in [-1, 1].
+    """Train ``model`` to predict eps with L_simple on ``images`` (N, C, H, W) in [-1, 1] (or,
+    with ``prediction=`` / ``weighting=``, another target or weighting: :mod:`ddpm_lib.objectives`).
     Taught in chapter 5, "What `train` adds around the step" (its GPU fast path in chapter 11).
 
     ``config`` (or keyword overrides such as ``steps=500``) sets the run. With ``checkpoint``, the
@@ -374,7 +360,7 @@ def train(model: torch.nn.Module, schedule, images: Tensor, config: TrainConfig 
         run = start(model, schedule, images, labels, config, checkpoint, device, fast)
         if state is not None:
             resume_run(run, state)
-        per_image_loss = loss_function(model, schedule, fast, device)
+        per_image_loss = loss_function(model, schedule, config, fast, device)
         model.train()
         bar = tqdm(total=config.steps, initial=run.step, desc="train",
                    disable=not progress or rank != 0)

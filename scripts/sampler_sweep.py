@@ -61,6 +61,7 @@ def main() -> None:
     p.add_argument("--ddpm", action="store_true", help="also DDPM with all 1000 steps")
     p.add_argument("--w", default="0,1,2,3,5")
     p.add_argument("--parts", default="floor,samplers,guidance,latent")
+    p.add_argument("--grids", default="time,edm,logsnr", help="the grids of the sde part")
     p.add_argument("--device", default=None)
     args = p.parse_args()
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -97,7 +98,7 @@ def main() -> None:
         model, schedule, _ = load_pretrained(device=device)
         rows = []
         for nfe in (int(k) for k in args.nfe.split(",")):
-            for spacing in ("time", "edm", "logsnr"):
+            for spacing in args.grids.split(","):
                 for solver in ("euler_maruyama", "ddim", "heun", "dpm_solver"):
                     steps = (nfe + 1) // 2 if solver == "heun" else nfe
                     calls = 2 * steps - 1 if solver == "heun" else steps

@@ -14,6 +14,7 @@ from ddpm_lib import train as train_module
 from ddpm_lib.accel import fast_path
 from ddpm_lib.checks import check_values, trusted_inputs
 from ddpm_lib.io import CheckpointBusy, load_checkpoint, save_checkpoint
+from ddpm_lib.objectives import diffusion_loss
 from ddpm_lib.train import EMA, TrainConfig, loss_simple, train
 
 
@@ -64,9 +65,9 @@ def test_class_conditional_training_runs(fashion, monkeypatch):
 
     def recording_loss(model, schedule, x0, t, eps, y=None, **kw):
         seen.append(y.clone())
-        return loss_simple(model, schedule, x0, t, eps, y=y, **kw)
+        return diffusion_loss(model, schedule, x0, t, eps, y=y, **kw)
 
-    monkeypatch.setattr(train_module, "loss_simple", recording_loss)
+    monkeypatch.setattr(train_module, "diffusion_loss", recording_loss)
     result = train(small_unet(num_classes=10), NoiseSchedule.linear(T=100), images, labels=labels, steps=20,
                    batch_size=8, label_dropout=0.5, progress=False)
     assert result.step == 20
@@ -232,9 +233,9 @@ def test_horizontal_flips(fashion, monkeypatch):
 
     def recording_loss(model, schedule, x0, *args, **kw):
         seen.append(x0.clone())
-        return loss_simple(model, schedule, x0, *args, **kw)
+        return diffusion_loss(model, schedule, x0, *args, **kw)
 
-    monkeypatch.setattr(train_module, "loss_simple", recording_loss)
+    monkeypatch.setattr(train_module, "diffusion_loss", recording_loss)
     for hflip in (False, True):
         seen.clear()
         train(small_unet(), NoiseSchedule.linear(T=10), images, steps=4, batch_size=16, progress=False, hflip=hflip)
@@ -341,12 +342,12 @@ def test_the_nan_loss_message_names_the_last_good_checkpoint(small_images, tmp_p
     train(tiny_unet(), NoiseSchedule.linear(T=20), small_images, steps=2, checkpoint=ckpt, **kw)
     calls = [0]
 
-    def nan_at_third_step(model, schedule, x0, t, eps, y=None, reduction="mean"):
+    def nan_at_third_step(model, schedule, x0, t, eps, y=None, reduction="mean", **kw):
         calls[0] += reduction == "none"                 # the training steps', not the checks'
-        per_image = loss_simple(model, schedule, x0, t, eps, y=y, reduction=reduction)
+        per_image = diffusion_loss(model, schedule, x0, t, eps, y=y, reduction=reduction, **kw)
         return per_image * float("nan") if calls[0] == 1 and reduction == "none" else per_image
 
-    monkeypatch.setattr(train_module, "loss_simple", nan_at_third_step)
+    monkeypatch.setattr(train_module, "diffusion_loss", nan_at_third_step)
     message = (r"loss became nan at step 3; the last good checkpoint is step 2 in "
                + re.escape(str(ckpt)))
     with pytest.raises(FloatingPointError, match=message):

@@ -1,0 +1,132 @@
+"""What the network is trained to predict, and how each timestep's loss is weighted.
+
+With x_t = sqrt(alpha_bar) x0 + sqrt(1 - alpha_bar) eps (the VP path of DDPM), the network
+can be asked for any of three targets, each a fixed linear function of (x_t, eps) given t:
+
+    "eps":  eps                                               (Ho et al. 2020)
+    "x0":   x0
+    "v":    sqrt(alpha_bar) eps - sqrt(1 - alpha_bar) x0        (Salimans & Ho 2022)
+
+and the samplers convert each back (``samplers.sample(..., prediction=...)``). Flow matching
+(Lipman et al. 2023; Liu et al. 2023) changes the path itself: ``"flow"`` trains on the
+straight line x_s = (1 - s) x0 + s eps, s = (t + 1) / T, to predict the velocity
+dx_s/ds = eps - x0 (:mod:`ddpm_lib.flow` samples such a model).
+
+Weighting, per image, of the squared error of the chosen target:
+
+    "uniform":  1                              (L_simple, for every target)
+    "min_snr":  min(SNR_t, gamma) / SNR_t      for eps, the same clamp expressed for
+                                               x0 (min(SNR, gamma)) and v
+                                               (min(SNR, gamma) / (SNR + 1))
+                                               (Hang et al. 2023)
+
+Taught in chapter 5, "Algorithm 1, line by line" (:func:`loss_simple`), and in the chapter
+on flow matching.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+Tensor = torch.Tensor
+
+PREDICTIONS = ("eps", "x0", "v", "flow")
+WEIGHTINGS = ("uniform", "min_snr")
+
+
+def check(prediction: str, weighting: str = "uniform", snr_gamma: float = 5.0) -> None:
+    """Raise ValueError naming the choices when ``prediction`` or ``weighting`` is unknown."""
+    if prediction not in PREDICTIONS:
+        raise ValueError(f"prediction must be one of {', '.join(PREDICTIONS)}, "
+                         f"got {prediction!r}")
+    if weighting not in WEIGHTINGS:
+        raise ValueError(f"weighting must be one of {', '.join(WEIGHTINGS)}, "
+                         f"got {weighting!r}")
+    if prediction == "flow" and weighting != "uniform":
+        raise ValueError("flow matching trains with weighting='uniform' (the straight path "
+                         "has no alpha_bar to weight by)")
+    if not snr_gamma > 0:
+        raise ValueError(f"snr_gamma must be positive, got {snr_gamma}")
+
+
+def flow_time(t: Tensor, T: int) -> Tensor:
+    """s = (t + 1) / T in (0, 1] for integer timesteps t in 0..T-1, shape like t: the
+    straight path's time (s = 1 is pure noise, as t = T - 1 nearly is)."""
+    return (t.to(torch.float32) + 1.0) / T
+
+
+def noisy_and_target(schedule, x0: Tensor, t: Tensor, eps: Tensor,
+                     prediction: str = "eps") -> tuple[Tensor, Tensor]:
+    """``(x_t, target)`` for one batch: x0, eps (B, C, H, W), t (B,) integer timesteps."""
+    if prediction == "flow":
+        s = flow_time(t, schedule.T).view(-1, *([1] * (x0.dim() - 1))).to(x0.device)
+        return (1.0 - s) * x0 + s * eps, eps - x0
+    x_t, _ = schedule.q_sample(x0, t, eps)
+    if prediction == "eps":
+        return x_t, eps
+    if prediction == "x0":
+        return x_t, x0
+    return x_t, schedule.velocity(x0, t, eps)
+
+
+def loss_weights(schedule, t: Tensor, prediction: str = "eps", weighting: str = "uniform",
+                 snr_gamma: float = 5.0) -> Tensor | None:
+    """Per-image weights (B,) for the squared error of ``prediction`` at timesteps ``t``;
+    None for uniform weights. min-SNR-gamma (Hang et al. 2023) weights the x0-error by
+    min(SNR, gamma); for eps, whose error is SNR times smaller, that is min(SNR, gamma) / SNR,
+    and for v, min(SNR, gamma) / (SNR + 1)."""
+    if weighting == "uniform":
+        return None
+    snr = schedule.snr[t.to(schedule.device)]
+    clamped = snr.clamp(max=snr_gamma)
+    if prediction == "eps":
+        return clamped / snr
+    if prediction == "x0":
+        return clamped
+    return clamped / (snr + 1.0)
+
+
+def _predict(model, x_t: Tensor, t: Tensor, y: Tensor | None, like: Tensor,
+             prediction: str) -> Tensor:
+    out = model(x_t, t) if y is None else model(x_t, t, y)
+    if not isinstance(out, torch.Tensor) or out.shape != like.shape:
+        # F.mse_loss would broadcast a wrong shape, e.g. (B, 1, 1, 1), with only a warning
+        got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        raise ValueError(f"the model must return {prediction} shaped like x_t, "
+                         f"{tuple(like.shape)}; got {got}")
+    return out
+
+
+def diffusion_loss(model, schedule, x0: Tensor, t: Tensor, eps: Tensor, y: Tensor | None = None,
+                   prediction: str = "eps", weighting: str = "uniform", snr_gamma: float = 5.0,
+                   reduction: str = "mean") -> Tensor:
+    """The weighted mean squared error of ``model``'s prediction of ``prediction`` (see the
+    module docstring) on x_t made from ``x0``, ``eps`` (B, C, H, W) at ``t`` (B,). The mean is
+    over pixels of each image, then (``reduction="mean"``) over the batch; ``"none"`` returns
+    the per-image losses, shape (B,). eps/uniform is :func:`loss_simple`."""
+    if reduction not in ("mean", "none"):
+        raise ValueError(f"reduction must be 'mean' or 'none', got {reduction!r}")
+    if not isinstance(eps, torch.Tensor):
+        raise ValueError("eps (the noise added to x0) must be a tensor shaped like x0, "
+                         f"got {type(eps).__name__}")
+    check(prediction, weighting, snr_gamma)
+    x_t, target = noisy_and_target(schedule, x0, t, eps, prediction)
+    out = _predict(model, x_t, t, y, target, prediction)
+    per_image = F.mse_loss(out.float(), target.float(), reduction="none").flatten(1).mean(1)
+    w = loss_weights(schedule, t, prediction, weighting, snr_gamma)
+    if w is not None:
+        per_image = per_image * w
+    return per_image if reduction == "none" else per_image.mean()
+
+
+def loss_simple(model, schedule, x0: Tensor, t: Tensor, eps: Tensor, y: Tensor | None = None,
+                reduction: str = "mean") -> Tensor:
+    """L_simple = || eps - eps_theta(sqrt(alpha_bar) x0 + sqrt(1 - alpha_bar) eps, t) ||^2,
+    the mean over pixels of each image, then over the batch. Taught in chapter 3 (the
+    derivation) and chapter 5, "Algorithm 1, line by line".
+
+    ``model(x_t, t)`` (or ``model(x_t, t, y)`` when labels ``y`` are given) predicts eps;
+    ``x0``, ``eps`` (B, C, H, W), ``t`` (B,). ``reduction="none"`` returns one loss per
+    image, shape ``(B,)``.
+    """
+    return diffusion_loss(model, schedule, x0, t, eps, y, reduction=reduction)
