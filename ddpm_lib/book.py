@@ -129,6 +129,7 @@ RESULTS_SHA256 = {
     "grid_sweep_cpu.json": "976934331f7a4aa3f3963a9d2aa25dc1f311e3563be2140723a7e5f553696807",
     "latent_vs_pixel_cpu.json": "9839a6316aac40121d8b53ed47aedfc1841c701f81075454562ddec4d698c001",
     "nll_bound_cpu.json": "3594498a99a3fb684a2d45943b00e73aa118aa7f76e7f0cef9fb1c921c360102",
+    "sde_sweep_cpu.json": "c77f4f81ca25d39b5649c141fcf85e25b00aa244292ef339bfc7670715f4f156",
     "sweep_h200.json": "1708b70f59e9fd32d3cbe575f2b24f18a497f98a3b81cd884c2dd77524387ba1",
     "train_cfg_h200.json": "c2db9a60c455845058c42151c3ff822b4f438efd26470a7bee6c8aaf9b519e37",
     "train_latent_shipped_cpu.json": "dc36ce36aad52fbc090315f746cb4e5255ad381a689ca5a09e6fc3259045c4a3",

@@ -270,7 +270,8 @@ _IMAGES_JS = """async () => {
 
 def colab_url(docname):
     owner_repo = REPO_URL.removeprefix("https://github.com/")
-    return f"https://colab.research.google.com/github/{owner_repo}/blob/main/{docname}.ipynb"
+    branch = CONFIG["repository"]["branch"]        # the release tag (scripts/release.py)
+    return f"https://colab.research.google.com/github/{owner_repo}/blob/{branch}/{docname}.ipynb"
 
 
 @pytest.mark.parametrize("docname", PAGES)
