@@ -135,6 +135,47 @@ PARTIAL = {
                 return (log_likelihood - kl).expand(x.shape[0])
         '''),
     ],
+    "a6_scores_and_flows": [
+        ("the score multiplied by sqrt(1 - alpha_bar) instead of divided", "q1", 2, '''
+            def score_from_eps(eps, alpha_bar):
+                return -eps * torch.sqrt(1 - alpha_bar)
+
+
+            def gaussian_score(x_t, alpha_bar, mu, sigma_data):
+                return -(x_t - torch.sqrt(alpha_bar) * mu) / (alpha_bar * sigma_data ** 2 + 1 - alpha_bar)
+        '''),
+        # only the test of the noise term passes: the drift is wrong at first order in beta
+        ("the Euler-Maruyama drift with x_t instead of x_t / 2", "q2", 1, '''
+            def euler_maruyama_step(x_t, eps_pred, alpha_bar, alpha_bar_prev, z):
+                beta = 1 - alpha_bar / alpha_bar_prev
+                return x_t + beta * (x_t - eps_pred / torch.sqrt(1 - alpha_bar)) + torch.sqrt(beta) * z
+        '''),
+        ("Heun without the final Euler step (the model called at t_prev = -1)", "q3", 2, '''
+            def edm_sigma(alpha_bar):
+                return torch.sqrt((1 - alpha_bar) / alpha_bar)
+
+
+            def heun_step(x_t, t, t_prev, eps_pred, alpha_bars, model):
+                alpha_bar = alpha_bars[t]
+                alpha_bar_prev = alpha_bars[t_prev] if t_prev >= 0 else torch.ones((), dtype=alpha_bars.dtype)
+                h = edm_sigma(alpha_bar_prev) - edm_sigma(alpha_bar)
+                y = x_t / torch.sqrt(alpha_bar)
+                y_euler = y + h * eps_pred
+                eps_end = model(torch.sqrt(alpha_bar_prev) * y_euler, torch.full((x_t.shape[0],), t_prev))
+                return torch.sqrt(alpha_bar_prev) * (y + h * (eps_pred + eps_end) / 2)
+        '''),
+        ("the velocity's sign flipped (target x0 - eps)", "q4", 2, '''
+            def flow_matching_loss(model, x0, t, eps, T):
+                s = ((t.float() + 1) / T).view(-1, 1, 1, 1)
+                x_s = (1 - s) * x0 + s * eps
+                return ((model(x_s, t) - (x0 - eps)) ** 2).mean()
+
+
+            def gaussian_velocity(x, s, mu, sigma_data):
+                var = (1 - s) ** 2 * sigma_data ** 2 + s ** 2
+                return s * (x - (1 - s) * mu) / var - mu - (1 - s) * sigma_data ** 2 * (x - (1 - s) * mu) / var
+        '''),
+    ],
 }
 
 
