@@ -20,6 +20,11 @@ timesteps t = 0 .. T-1 sees s = (t + 1) / T (objectives.flow_time).
 From a velocity, both parameterisations of the earlier chapters::
 
     x0_hat = x - s v,     eps_hat = x + (1 - s) v
+
+Chapter 13 adds the exact velocity of a Gaussian mixture, the VP path
+seen on the straight one (:func:`flow_from_vp`, :func:`velocity_from_v`),
+an ODE solver in continuous s that keeps the path (:func:`flow_path`),
+and two measures of how straight a path is.
 """
 from __future__ import annotations
 
@@ -120,3 +125,124 @@ def flow_sample(model, shape, *, T: int = 1000, steps: int = 50,
             v_end = velocity(x_euler, t_next)
             x = x + (s_next - s) * 0.5 * (v + v_end)
     return x
+
+
+# ------------------------------------------------------------------------
+# Chapter 13: mixtures, the VP path on the straight one, straightness
+# ------------------------------------------------------------------------
+def mixture_velocity(x: Tensor, s, means, stds, weights=None) -> Tensor:
+    """The marginal velocity E[eps - x0 | x_s = x] at time s (a float or
+    (B,)) when x0 ~ sum_k pi_k N(m_k, sigma_k^2 I). Given component k,
+    x_s ~ N((1 - s) m_k, var_k I), var_k = (1 - s)^2 sigma_k^2 + s^2::
+
+        E[x0 | x, k]  = m_k + (1 - s) sigma_k^2 (x - (1 - s) m_k) / var_k
+        E[eps | x, k] = s (x - (1 - s) m_k) / var_k
+
+    averaged with r_k(x) = pi_k N(x; (1 - s) m_k, var_k I) / p_s(x).
+    x (B, D), means (K, D), stds (K,), weights (K,) (equal if None).
+    Returns (B, D), float64.
+    """
+    m = torch.as_tensor(means, dtype=torch.float64)
+    sd = torch.as_tensor(stds, dtype=torch.float64).reshape(-1)
+    pi = torch.ones(len(m), dtype=torch.float64) if weights is None \
+        else torch.as_tensor(weights, dtype=torch.float64)
+    x = x.to(torch.float64)
+    s = torch.as_tensor(s, dtype=torch.float64).reshape(-1, 1, 1)
+    var = (1 - s[..., 0]) ** 2 * sd**2 + s[..., 0] ** 2      # (B or 1, K)
+    diff = x[:, None, :] - (1 - s) * m                         # (B, K, D)
+    log_r = (pi / pi.sum()).log() - 0.5 * m.shape[1] * var.log() \
+        - 0.5 * (diff**2).sum(-1) / var
+    r = torch.softmax(log_r, dim=1)[..., None]                  # (B, K, 1)
+    x0 = m + (1 - s) * sd[:, None] ** 2 * diff / var[..., None]
+    eps = s * diff / var[..., None]
+    return (r * (eps - x0)).sum(1)
+
+
+def gaussian_mixture_velocity(T: int, means, stds, weights=None):
+    """:func:`mixture_velocity` as a model ``(x (B, D), t (B,)) -> v``
+    at s = (t + 1) / T, like a network trained on ``prediction="flow"``
+    (for :func:`flow_sample`)."""
+    T = integer("T", T, minimum=1)
+
+    def velocity(x: Tensor, t: Tensor) -> Tensor:
+        s = flow_time(t, T).to(torch.float64).cpu()
+        v = mixture_velocity(x.cpu(), s, means, stds, weights)
+        return v.to(x.device, x.dtype)
+
+    return velocity
+
+
+def flow_from_vp(x_t: Tensor, alpha_bar) -> tuple[Tensor, Tensor]:
+    """The straight path's (x_s, s) at the point x_t = a x0 + b eps of the
+    VP path, a = sqrt(alpha_bar), b = sqrt(1 - alpha_bar): divided by
+    a + b it is (1 - s) x0 + s eps with s = b / (a + b), the same x0 and
+    eps. ``alpha_bar`` a float or a tensor that broadcasts against x_t."""
+    alpha_bar = torch.as_tensor(alpha_bar, dtype=torch.float64)
+    a, b = alpha_bar.sqrt(), (1 - alpha_bar).sqrt()
+    return x_t / (a + b), b / (a + b)
+
+
+def velocity_from_v(x_t: Tensor, alpha_bar, v: Tensor) -> Tensor:
+    """The straight path's velocity eps - x0 from x_t and the v of chapter
+    3, v = a eps - b x0 (a = sqrt(alpha_bar), b = sqrt(1 - alpha_bar)).
+    With eps = b x_t + a v and x0 = a x_t - b v (chapter 3)::
+
+        eps - x0 = (b - a) x_t + (a + b) v
+    """
+    alpha_bar = torch.as_tensor(alpha_bar, dtype=torch.float64)
+    a, b = alpha_bar.sqrt(), (1 - alpha_bar).sqrt()
+    return (b - a) * x_t + (a + b) * v
+
+
+def flow_path(velocity, x: Tensor, s_grid, method: str = "heun") -> Tensor:
+    """Every state of dx/ds = velocity(x, s) solved from ``x`` (B, ...)
+    at s_grid[0] through the times ``s_grid`` (K + 1 floats, either
+    direction): (K + 1, B, ...). ``velocity(x, s)`` takes a float s.
+    ``"euler"``: x' = x + h v(x, s); ``"heun"``: the average of v there
+    and at the end of the Euler step (2 calls per step)."""
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {', '.join(METHODS)}, "
+                         f"got {method!r}")
+    s_grid = [float(s) for s in s_grid]
+    path = [x]
+    for s, s_next in zip(s_grid[:-1], s_grid[1:]):
+        v = velocity(x, s)
+        x_euler = x + (s_next - s) * v
+        if method == "heun":
+            v = 0.5 * (v + velocity(x_euler, s_next))
+        x = x + (s_next - s) * v
+        path.append(x)
+    return torch.stack(path)
+
+
+def straightness(path: Tensor, s_grid) -> Tensor:
+    """How far a path's velocity is from its chord's, per path (B,)::
+
+        S = int_0^1 |dz/du - (z(1) - z(0))|^2 du / |z(1) - z(0)|^2
+
+    with u = (s - s_0) / (s_K - s_0) and z the piecewise-linear path
+    through the states ``path`` (K + 1, B, ...) at ``s_grid`` (K + 1,).
+    0 for a straight path at constant speed; Liu et al. (2023) average
+    the numerator (their S). Equal to sum_k |dz_k|^2 / du_k / |c|^2 - 1.
+    """
+    s = torch.as_tensor([float(v) for v in s_grid], dtype=torch.float64)
+    u = (s - s[0]) / (s[-1] - s[0])                             # (K + 1,)
+    z = path.flatten(2).to(torch.float64)                 # (K + 1, B, D)
+    chord = z[-1] - z[0]
+    dz = z[1:] - z[:-1]
+    velocity = dz / (u[1:] - u[:-1])[:, None, None]
+    excess = ((velocity - chord) ** 2).sum(-1)                  # (K, B)
+    energy = (excess * (u[1:] - u[:-1])[:, None]).sum(0)
+    return energy / (chord**2).sum(-1)
+
+
+def chord_distance(path: Tensor) -> Tensor:
+    """The largest distance of a path's states (K + 1, B, ...) from the
+    segment between its two ends, over the segment's length: (B,). Does
+    not depend on how the path is timed."""
+    z = path.flatten(2).to(torch.float64)                 # (K + 1, B, D)
+    chord = z[-1] - z[0]
+    u = ((z - z[0]) * chord).sum(-1) / (chord**2).sum(-1)   # (K + 1, B)
+    nearest = z[0] + u.clamp(0, 1)[..., None] * chord
+    gap = (z - nearest).norm(dim=-1).amax(0)
+    return gap / chord.norm(dim=-1)

@@ -20,6 +20,10 @@ Divided by ``D ln 2`` (D = C H W values per image) the bound is in bits per dime
 The sum over t has T - 1 terms, each a network evaluation; :func:`nll_bound` estimates it
 without bias from one timestep drawn in each of ``num_timesteps`` strata, narrow where
 the terms are large (small t) and wide where they are small.
+
+Chapter 13 adds the likelihood of the probability-flow ODE's model, which is exact for
+that model (:func:`ode_bits_per_dim`): the instantaneous change of variables along the
+ODE, with Hutchinson's estimator of the divergence (:func:`divergence`).
 """
 from __future__ import annotations
 
@@ -27,6 +31,7 @@ import math
 from dataclasses import dataclass
 
 import torch
+from tqdm.auto import tqdm
 
 from . import diffusion
 
@@ -206,3 +211,198 @@ def nll_bound(model, schedule, x0: Tensor, num_timesteps: int | None = None, sig
             total += size * elbo_terms(model, schedule, x, t.to(device), draw_eps(), sigma).cpu()
         parts["diffusion"].append(total)
     return NLLBound(**{name: torch.cat(v) * nats_to_bits for name, v in parts.items()})
+
+
+# ------------------------------------------------------------------------
+# The likelihood of the probability-flow ODE's model (chapter 13)
+# ------------------------------------------------------------------------
+def rademacher(shape, generator: torch.Generator | None = None,
+               dtype=torch.float32) -> Tensor:
+    """Random signs, +1 or -1 with probability 1/2 each, of ``shape`` (on
+    the CPU): the probes z of Hutchinson's trace estimator."""
+    bits = torch.randint(0, 2, tuple(shape), generator=generator)
+    return (2 * bits - 1).to(dtype)
+
+
+def divergence(out: Tensor, x: Tensor, probes: Tensor | None) -> Tensor:
+    """Estimates of div f(x) = tr(d out / d x) per sample, for out = f(x)
+    (B, ...) computed from x (B, ...) with autograd on.
+
+    ``probes`` (P, B, ...): Hutchinson's estimator z^T (d out / d x) z,
+    one vector-Jacobian product per probe z; unbiased when
+    E[z z^T] = I. Returns (P, B), float64. ``probes=None``: the exact
+    trace, one backward pass per dimension (small D only); (1, B).
+    """
+    if probes is None:
+        flat, total = out.flatten(1), 0
+        for j in range(flat.shape[1]):
+            (g,) = torch.autograd.grad(flat[:, j].sum(), x,
+                                       retain_graph=True)
+            total = total + g.flatten(1)[:, j].double()
+        return total[None]
+    rows = []
+    for z in probes:
+        (zJ,) = torch.autograd.grad(out, x, z, retain_graph=True)
+        rows.append((zJ * z).flatten(1).double().sum(1))
+    return torch.stack(rows)
+
+
+def ode_timesteps(schedule, steps: int) -> list[int]:
+    """``steps + 1`` distinct timesteps from 0 up to T - 1, evenly spaced
+    in log rho, rho = sqrt((1 - alpha_bar) / alpha_bar), each rounded to
+    the timestep of nearest rho (merged neighbours pushed apart)."""
+    T = schedule.T
+    if not isinstance(steps, int) or not 1 <= steps <= T - 1:
+        raise ValueError(f"steps must be an integer in 1..{T - 1}, "
+                         f"got {steps!r}")
+    alpha_bar = schedule.float64("alpha_bars")
+    log_rho = 0.5 * (torch.log1p(-alpha_bar) - torch.log(alpha_bar))
+    targets = torch.linspace(float(log_rho[0]), float(log_rho[-1]),
+                             steps + 1, dtype=torch.float64)
+    ts = (log_rho[None] - targets[:, None]).abs().argmin(1).tolist()
+    for i in range(1, steps + 1):
+        ts[i] = max(ts[i], ts[i - 1] + 1)
+    ts[-1] = T - 1
+    for i in range(steps - 1, -1, -1):
+        ts[i] = min(ts[i], ts[i + 1] - 1)
+    return ts
+
+
+def _slope(eps_model, schedule, xbar: Tensor, t: int,
+           probes: Tensor | None) -> tuple[Tensor, Tensor]:
+    """d xbar / d rho = eps(sqrt(alpha_bar_t) xbar, t), (B, ...), and
+    the estimates of its divergence in xbar, (P, B)."""
+    scale = math.sqrt(schedule.float64("alpha_bars")[t].item())
+    with torch.enable_grad():
+        xbar = xbar.detach().requires_grad_()
+        t_batch = torch.full((xbar.shape[0],), t, device=xbar.device)
+        eps = eps_model(scale * xbar, t_batch)
+        div = divergence(eps, xbar, probes)
+    return eps.detach().to(xbar.dtype), div
+
+
+def ode_log_likelihood(eps_model, schedule, x: Tensor, steps: int = 64,
+                       probes: int | None = 1,
+                       generator: torch.Generator | None = None) -> Tensor:
+    """log p_0(x) in nats of x (B, ...) at timestep 0 under the model of
+    the probability-flow ODE: N(0, I) at timestep T - 1, carried to
+    timestep 0 by the ODE. Returns (P, B), one estimate per Rademacher
+    probe (the same probes along the whole path, as in Grathwohl et al.
+    2019); ``probes=None``: the exact divergence, (1, B).
+
+    In xbar = x / sqrt(alpha_bar) and rho (chapter 12) the ODE is
+    d xbar / d rho = eps(x, t), and by the instantaneous change of
+    variables (Chen et al. 2018) d log p(xbar) / d rho = -div eps, so::
+
+        log p_0(x) = log N(x_T; 0, I) + D/2 log(alpha_bar_T / alpha_bar_0)
+                     + int_{rho_0}^{rho_T} div eps d rho
+
+    with D values per sample. Heun's method in rho on
+    :func:`ode_timesteps` (2 ``steps`` network calls); the integral by
+    the trapezoid rule in log rho, as int rho div eps d(log rho).
+    """
+    ts = ode_timesteps(schedule, steps)
+    alpha_bar = schedule.float64("alpha_bars")
+    rho = ((1 - alpha_bar) / alpha_bar).sqrt().tolist()
+    z = None if probes is None else rademacher(
+        (probes, *x.shape), generator, x.dtype).to(x.device)
+    xbar = x.detach() / math.sqrt(alpha_bar[0].item())
+    f, div = _slope(eps_model, schedule, xbar, ts[0], z)
+    integral = torch.zeros_like(div)
+    for i, (t, t_next) in enumerate(zip(ts[:-1], ts[1:])):
+        r, r_next = rho[t], rho[t_next]
+        f_end, div_end = _slope(eps_model, schedule,
+                                xbar + (r_next - r) * f, t_next, z)
+        xbar = xbar + (r_next - r) * 0.5 * (f + f_end)
+        h = math.log(r_next / r)
+        integral += h * 0.5 * (r * div + r_next * div_end)
+        if i + 2 < len(ts):                  # the next step's first slope
+            f, div = _slope(eps_model, schedule, xbar, t_next, z)
+    D = x[0].numel()
+    x_T = math.sqrt(alpha_bar[-1].item()) * xbar.double()
+    log_prior = -0.5 * (_sum_per_image(x_T**2) + D * math.log(2 * math.pi))
+    log_scale = 0.5 * D * math.log(alpha_bar[-1] / alpha_bar[0])
+    return (log_prior + log_scale).cpu() + integral.cpu()
+
+
+@dataclass
+class ODEBits:
+    """Bits per dimension of each image under the ODE's model: ``per_probe``
+    (N, P), one column per probe; ``decoder`` (N,), the discrete
+    decoder's part (zero for uniform dequantisation). Chapter 13."""
+    per_probe: Tensor
+    decoder: Tensor
+
+    @property
+    def total(self) -> Tensor:
+        return self.per_probe.mean(1)      # (N,): the mean over probes
+
+    def summary(self) -> dict:
+        """Mean over images and its standard error (the probes' noise
+        included), and the probes' part of it: sqrt(mean within-image
+        variance over the P probes / (P N))."""
+        n, P = self.per_probe.shape
+        probe_var = self.per_probe.var(1).mean().item() if P > 1 else \
+            math.nan
+        return dict(bits_per_dim=self.total.mean().item(),
+                    standard_error=(self.total.std() / math.sqrt(n)).item(),
+                    probe_standard_error=math.sqrt(probe_var / (P * n)),
+                    decoder=self.decoder.mean().item(), n_images=n,
+                    probes=P)
+
+
+def ode_bits_per_dim(eps_model, schedule, x0: Tensor, steps: int = 64,
+                     probes: int = 1, dequantize: str = "uniform",
+                     sigma: str = "beta", batch_size: int = 16,
+                     generator: torch.Generator | None = None,
+                     progress: bool = False) -> ODEBits:
+    """Bits per dimension of 8-bit images ``x0`` (N, C, H, W) in [-1, 1]
+    under the ODE's model (:func:`ode_log_likelihood`), made into a
+    probability of the 8-bit image in one of two ways, each giving an
+    upper bound on -log2 of that probability:
+
+    ``"uniform"``: uniform dequantisation, y = x0 + Delta with Delta
+    uniform in the bin of width 2/255 of each value (``BIN_HALF_WIDTH``),
+    and p(y) = p_0(sqrt(alpha_bar_0) y) alpha_bar_0^(D/2)::
+
+        bits = -log2 p(y) / D + log2(255 / 2)
+
+    ``"decoder"``: chapter 3's discrete decoder L_0 after the first step,
+    x_1 = sqrt(alpha_bar_0) x0 + sqrt(1 - alpha_bar_0) eps ~ q(x_1 | x0)::
+
+        bits = [L_0 + log q(x_1 | x0) - log p_0(x_1)] / (D ln 2)
+
+    (chapter 3's bound with L_T + sum L_t replaced by the ODE's term).
+    Noise and probes come from ``generator`` (CPU).
+    """
+    check_8bit(x0)
+    if dequantize not in ("uniform", "decoder"):
+        raise ValueError("dequantize must be 'uniform' or 'decoder', "
+                         f"got {dequantize!r}")
+    alpha_bar_0 = schedule.float64("alpha_bars")[0].item()
+    D = x0[0].numel()
+    bits, decoder = [], []
+    for x in tqdm(x0.split(batch_size), desc=f"ODE ({dequantize})",
+                  disable=not progress):
+        x = x.to(schedule.device)
+        draw = torch.rand if dequantize == "uniform" else torch.randn
+        noise = draw(x.shape, generator=generator, dtype=torch.float64)
+        part = torch.zeros(x.shape[0], dtype=torch.float64)
+        if dequantize == "uniform":
+            y = x.double() + (2 * noise - 1).to(x.device) * BIN_HALF_WIDTH
+            x_1 = (math.sqrt(alpha_bar_0) * y).to(x.dtype)
+            nats = D * math.log(0.5 / BIN_HALF_WIDTH) - 0.5 * D * math.log(
+                alpha_bar_0)
+        else:
+            eps = noise.to(x.device, x.dtype)
+            x_1, _ = schedule.q_sample(x, 0, eps)
+            zero = torch.zeros(len(x), dtype=torch.long, device=x.device)
+            part = elbo_terms(eps_model, schedule, x, zero, eps,
+                              sigma).cpu()
+            nats = part - 0.5 * _sum_per_image(noise**2) - 0.5 * D * \
+                math.log(2 * math.pi * (1 - alpha_bar_0))   # + log q
+        log_p = ode_log_likelihood(eps_model, schedule, x_1, steps,
+                                   probes, generator)
+        bits.append(((nats - log_p) / (D * math.log(2.0))).T)
+        decoder.append(part / (D * math.log(2.0)))
+    return ODEBits(torch.cat(bits), torch.cat(decoder))
