@@ -57,7 +57,8 @@ def gaussian_velocity(T: int, mu: float, sigma_data: float):
         E[x0 | x]  = mu + (1 - s) sigma_data^2 (x - (1 - s) mu) / var_s
         E[eps | x] = s (x - (1 - s) mu) / var_s
 
-    and v is their difference. The exact flow keeps
+    and v is their difference (:func:`mixture_velocity` with one
+    component). The exact flow keeps
     (x_s - (1 - s) mu) / sqrt(var_s) constant along each path.
     """
     mu, sigma_data = real("mu", mu), real("sigma_data", sigma_data)
@@ -65,13 +66,12 @@ def gaussian_velocity(T: int, mu: float, sigma_data: float):
         raise ValueError(f"sigma_data must be positive, got {sigma_data}")
 
     def velocity(x: Tensor, t: Tensor) -> Tensor:
-        s = flow_time(t, T).to(torch.float64).view(-1, *[1] * (x.dim() - 1))
-        x64 = x.to(torch.float64)
-        var = (1 - s) ** 2 * sigma_data**2 + s**2
-        centred = x64 - (1 - s) * mu
-        x0 = mu + (1 - s) * sigma_data**2 * centred / var
-        eps = s * centred / var
-        return (eps - x0).to(x.dtype)
+        # one component of mixture_velocity, every value its own dimension
+        flat = x.reshape(x.shape[0], -1).cpu()
+        means = torch.full((1, flat.shape[1]), mu, dtype=torch.float64)
+        s = flow_time(t, T).cpu()
+        v = mixture_velocity(flat, s, means, [sigma_data])
+        return v.reshape(x.shape).to(x.device, x.dtype)
 
     return velocity
 
