@@ -21,7 +21,7 @@ From a velocity, both parameterisations of the earlier chapters::
 
     x0_hat = x - s v,     eps_hat = x + (1 - s) v
 
-Chapter 13 adds the exact velocity of a Gaussian mixture, the VP path
+Chapter 15 adds the exact velocity of a Gaussian mixture, the VP path
 seen on the straight one (:func:`flow_from_vp`, :func:`velocity_from_v`),
 an ODE solver in continuous s that keeps the path (:func:`flow_path`),
 and two measures of how straight a path is.
@@ -128,7 +128,7 @@ def flow_sample(model, shape, *, T: int = 1000, steps: int = 50,
 
 
 # ------------------------------------------------------------------------
-# Chapter 13: mixtures, the VP path on the straight one, straightness
+# Chapter 15: mixtures, the VP path on the straight one, straightness
 # ------------------------------------------------------------------------
 def mixture_velocity(x: Tensor, s, means, stds, weights=None) -> Tensor:
     """The marginal velocity E[eps - x0 | x_s = x] at time s (a float or

@@ -21,7 +21,7 @@ The sum over t has T - 1 terms, each a network evaluation; :func:`nll_bound` est
 without bias from one timestep drawn in each of ``num_timesteps`` strata, narrow where
 the terms are large (small t) and wide where they are small.
 
-Chapter 13 adds the likelihood of the probability-flow ODE's model, which is exact for
+Chapter 15 adds the likelihood of the probability-flow ODE's model, which is exact for
 that model (:func:`ode_bits_per_dim`): the instantaneous change of variables along the
 ODE, with Hutchinson's estimator of the divergence (:func:`divergence`).
 """
@@ -214,7 +214,7 @@ def nll_bound(model, schedule, x0: Tensor, num_timesteps: int | None = None, sig
 
 
 # ------------------------------------------------------------------------
-# The likelihood of the probability-flow ODE's model (chapter 13)
+# The likelihood of the probability-flow ODE's model (chapter 15)
 # ------------------------------------------------------------------------
 def rademacher(shape, generator: torch.Generator | None = None,
                dtype=torch.float32) -> Tensor:
@@ -290,7 +290,7 @@ def ode_log_likelihood(eps_model, schedule, x: Tensor, steps: int = 64,
     probe (the same probes along the whole path, as in Grathwohl et al.
     2019); ``probes=None``: the exact divergence, (1, B).
 
-    In xbar = x / sqrt(alpha_bar) and rho (chapter 12) the ODE is
+    In xbar = x / sqrt(alpha_bar) and rho (chapter 14) the ODE is
     d xbar / d rho = eps(x, t), and by the instantaneous change of
     variables (Chen et al. 2018) d log p(xbar) / d rho = -div eps, so::
 
@@ -329,7 +329,7 @@ def ode_log_likelihood(eps_model, schedule, x: Tensor, steps: int = 64,
 class ODEBits:
     """Bits per dimension of each image under the ODE's model: ``per_probe``
     (N, P), one column per probe; ``decoder`` (N,), the discrete
-    decoder's part (zero for uniform dequantisation). Chapter 13."""
+    decoder's part (zero for uniform dequantisation). Chapter 15."""
     per_probe: Tensor
     decoder: Tensor
 

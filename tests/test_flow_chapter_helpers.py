@@ -1,4 +1,4 @@
-"""What chapter 13 adds to ddpm_lib/flow.py: the exact velocity of a Gaussian mixture (against
+"""What chapter 15 adds to ddpm_lib/flow.py: the exact velocity of a Gaussian mixture (against
 the score of the hand-written density, the continuity equation, and the Gaussian case), the VP
 path seen on the straight one (x_t / (a + b) and the velocity from v), the ODE solver in
 continuous s (its order), and the two measures of straightness."""

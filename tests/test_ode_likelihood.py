@@ -1,4 +1,4 @@
-"""The likelihood of the probability-flow ODE's model (ddpm_lib/likelihood.py, chapter 13):
+"""The likelihood of the probability-flow ODE's model (ddpm_lib/likelihood.py, chapter 15):
 Hutchinson's trace estimator (unbiased, with its variance, on a linear map), the grid, the
 ODE log-likelihood on Gaussian data against the closed-form log-density (to 0.02 nats per
 dimension at 64 steps, converging at second order), and the two ways of turning it into bits
