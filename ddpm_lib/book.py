@@ -124,8 +124,12 @@ RESULTS_DIR = Path(__file__).resolve().parent / "results"
 RESULTS_SHA256 = {
     "bench_cpu.json": "b5bb18522ec1ead114cdcdefc1689a8794d19536a464630e5d504f08a0d7f122",
     "bench_h200.log": "52192d1268952fee9d2496a60b7480a18103e9dfe9605bec892e73a6a7bd13ec",
+    "fashion_mnist_eps_equal_steps.pt": "f8d8e84137adeadce68c2d824fe178794b2f0ae74411cabd430f23eb5a4fc950",
+    "fashion_mnist_flow_equal_steps.pt": "97ec254a9ca7363a142b54ebc9ba0f3217987377769cc6efb7dfc0090903cb9b",
     "fashion_mnist_latent_equal_time.pt": "59e92e7bcdc29c41a75cc0c2d86002df7a909ee4e768be1685c46e03326c4717",
     "fashion_mnist_pixel_equal_time.pt": "e4a05c17f5eff3978877165ba716220eebac7c35ceca97ec2ca9fc5f8c6d8934",
+    "flow_noise_cpu.json": "48bb79022681be3bc6898504b752a505b7ce6b624cd862e92ce87fffd93bf8e1",
+    "flow_vs_ddpm_cpu.json": "277eb1cabdfc165280b66af17ddef9f81a31b9682cbbc0e1205179642affaa2c",
     "grid_sweep_cpu.json": "976934331f7a4aa3f3963a9d2aa25dc1f311e3563be2140723a7e5f553696807",
     "latent_vs_pixel_cpu.json": "9839a6316aac40121d8b53ed47aedfc1841c701f81075454562ddec4d698c001",
     "nll_bound_cpu.json": "3594498a99a3fb684a2d45943b00e73aa118aa7f76e7f0cef9fb1c921c360102",

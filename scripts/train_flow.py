@@ -12,6 +12,12 @@ model with DDIM and DPM-Solver++(2M), the flow model with Euler and Heun on its 
 ``--n`` real test images. Writes ``--out``/flow_vs_ddpm.json and the two models' EMA weights
 (``meta["prediction"]`` says what each predicts). The JSON records the 1-minute load average
 before and after each training run, to show whether the machine was idle.
+
+    python scripts/train_flow.py --out runs/flow_noise --weights-from runs/flow_cpu --nfe 10,20 \
+        --noise-seeds 2,3 --n 500 --threads 2 --json flow_noise.json
+
+re-scores the two saved models from other draws of the sampling noise (no training): the
+spread of the score over noise draws, to read the first run's differences against.
 """
 from __future__ import annotations
 
@@ -28,7 +34,8 @@ import torch
 from ddpm_lib import data, features, metrics
 from ddpm_lib.bench import cpu_name
 from ddpm_lib.flow import flow_sample
-from ddpm_lib.pretrained import save_weights
+from ddpm_lib.io import sha256
+from ddpm_lib.pretrained import load_weights, save_weights
 from ddpm_lib.samplers import sample
 from ddpm_lib.schedules import NoiseSchedule
 from ddpm_lib.train import train
@@ -66,6 +73,12 @@ def main() -> None:
     p.add_argument("--limit", type=int, default=None, help="train on the first LIMIT images only")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--weights-from", type=Path, default=None,
+                   help="skip training: score the two models saved in this folder by an earlier run")
+    p.add_argument("--noise-seeds", default=None,
+                   help="comma-separated seeds of the sampling noise (default: seed + 1); "
+                        "several measure the score's spread over noise draws")
+    p.add_argument("--json", default="flow_vs_ddpm.json", help="name of the JSON written in --out")
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -76,9 +89,13 @@ def main() -> None:
     out = dict(command=" ".join(shlex.quote(a) for a in sys.argv), device=cpu_name(),
                threads=torch.get_num_threads(), torch=torch.__version__, date=time.strftime("%Y-%m-%d"),
                net=NET, recipe=RECIPE, budget_s=args.budget, n=args.n, training={}, scores=[])
-    path = args.out / "flow_vs_ddpm.json"
+    path = args.out / args.json
     models = {}
-    for prediction in ("eps", "flow"):
+    for prediction in ("eps", "flow") if args.weights_from else ():
+        weights = args.weights_from / f"fashion_mnist_{prediction}_equal_time.pt"
+        models[prediction] = load_weights(weights)[0].eval()
+        out[f"sha256_{prediction}"] = sha256(weights)
+    for prediction in () if args.weights_from else ("eps", "flow"):
         result, info = timed_train(prediction, images, schedule, args.budget, args.max_steps, args.seed)
         out["training"][prediction] = info
         out[f"sha256_{prediction}"] = save_weights(
@@ -89,8 +106,9 @@ def main() -> None:
         path.write_text(json.dumps(out, indent=1))
     ref = features.reference_features("fashion_mnist", "train")
     out["floor"] = metrics.real_floor(args.n, real_features=ref)
-    x_T = torch.randn(args.n, 1, 28, 28, generator=torch.Generator().manual_seed(args.seed + 1))
-    for nfe in (int(k) for k in args.nfe.split(",")):
+    seeds = [int(k) for k in args.noise_seeds.split(",")] if args.noise_seeds else [args.seed + 1]
+    for noise_seed, nfe in ((s, int(k)) for s in seeds for k in args.nfe.split(",")):
+        x_T = torch.randn(args.n, 1, 28, 28, generator=torch.Generator().manual_seed(noise_seed))
         runs = {
             ("eps", "ddim", nfe): lambda: sample(models["eps"], schedule, x_T.shape, sampler="ddim",
                                                  steps=nfe, x_T=x_T),
@@ -104,7 +122,7 @@ def main() -> None:
         for (model, sampler, calls), run in runs.items():
             start = time.perf_counter()
             x = run().clamp(-1, 1)
-            row = dict(model=model, sampler=sampler, nfe=calls,
+            row = dict(model=model, sampler=sampler, nfe=calls, noise_seed=noise_seed,
                        seconds=round(time.perf_counter() - start, 1), **metrics.evaluate(x, real_features=ref))
             out["scores"].append(row)
             print(row, flush=True)
