@@ -15,9 +15,10 @@ A model is any callable ``(x_t, t) -> output``: x_t (B, C, H, W), t a (B,) long 
 
 :func:`sample` is the one loop: grid, one model call per timestep, conversion and clipping of
 the prediction, the step, an optional :class:`Trajectory`. Adding a sampler is one step
-function plus one line in :data:`SAMPLERS`. :func:`ddpm_sample`, :func:`ddim_sample` and
-:func:`dpm_solver_sample` are :func:`sample` with the sampler named. Coefficients are Python
-floats read from the schedule's float64 copy (any device, MPS included); x stays float32.
+function plus one line in :data:`SAMPLERS`, or a :class:`Sampler` passed as ``sampler=`` (the
+inpainting steps of :mod:`ddpm_lib.editing`, kept out of the registry). :func:`ddpm_sample`,
+:func:`ddim_sample` and :func:`dpm_solver_sample` are :func:`sample` with the sampler named.
+Coefficients are Python floats from the schedule's float64 copy (any device, MPS too); x stays float32.
 :func:`guided_model` (classifier-free guidance) lives in :mod:`ddpm_lib.guidance`.
 """
 from __future__ import annotations
@@ -321,11 +322,11 @@ def _denoise(model, schedule, x, t_batch, prediction, clip_x0):
 
 
 @torch.no_grad()
-def sample(model, schedule, shape, *, sampler: str = "ddpm", steps: int | None = None,
+def sample(model, schedule, shape, *, sampler: str | Sampler = "ddpm", steps: int | None = None,
            spacing: str | None = None, timesteps=None, prediction: str = "eps", clip_x0: bool = True,
            generator: torch.Generator | None = None, x_T: Tensor | None = None, device=None,
            trajectory: Trajectory | None = None, progress: bool = False, **options) -> Tensor:
-    """x_0 of ``shape`` (float32) from the sampler named ``sampler`` (a key of :data:`SAMPLERS`)
+    """x_0 of ``shape`` (float32) from ``sampler``, a key of :data:`SAMPLERS` or a :class:`Sampler`,
     with its ``options`` (``sigma=`` for DDPM, ``eta=`` for DDIM, ``order=`` for DPM-Solver).
 
     Grid: :func:`resolve_timesteps` with ``steps``, ``spacing`` (default: the sampler's) or
@@ -337,16 +338,15 @@ def sample(model, schedule, shape, *, sampler: str = "ddpm", steps: int | None =
     Taught in chapter 8, section "A zoo of solvers" (the loop chapter 6 writes by hand in "The
     loop by hand", with the update factored out into step functions).
     """
-    if sampler not in SAMPLERS:
-        raise ValueError(f"sampler must be one of {', '.join(sorted(SAMPLERS))}, got {sampler!r}")
-    entry = SAMPLERS[sampler]
-    unknown = sorted(set(options) - set(entry.options))
-    if unknown:
+    entry = SAMPLERS.get(sampler) if isinstance(sampler, str) else sampler
+    if not isinstance(entry, Sampler):
+        raise ValueError(f"sampler must be one of {', '.join(sorted(SAMPLERS))} or a Sampler, "
+                         f"got {sampler!r}")
+    if unknown := sorted(set(options) - set(entry.options)):
         hint = "; record a trajectory with trajectory=Trajectory()" if "return_trajectory" in unknown else ""
-        raise ValueError(f"the {sampler} sampler has no option {', '.join(unknown)}; it takes "
-                         f"{', '.join(entry.options) or 'none'}{hint}")
-    options = {**entry.options, **options}
-    options = entry.check(options) if entry.check else options
+        raise ValueError(f"the {entry.label if entry is sampler else sampler} sampler has no option "
+                         f"{', '.join(unknown)}; it takes {', '.join(entry.options) or 'none'}{hint}")
+    options = (entry.check or dict)({**entry.options, **options})
     if prediction not in ("eps", "x0", "v"):
         raise ValueError(f"prediction must be 'eps', 'x0' or 'v', got {prediction!r}")
     if trajectory is not None and (not isinstance(trajectory, Trajectory) or trajectory.t):
