@@ -20,7 +20,7 @@ from .accel import COMPILE_MODES, PRECISIONS, distributed_info, init_distributed
 from .guidance import guided_model
 from .hub import CONFIG_FILE, WEIGHTS_FILE, export_safetensors
 from .io import FILE_KINDS, CheckpointBusy, file_kind, load_checkpoint, sha256
-from .pretrained import PRETRAINED, load_pretrained, load_pretrained_vae, load_weights, save_weights
+from .pretrained import PRETRAINED, build_model, load_pretrained, load_pretrained_vae, load_weights, save_weights
 from .samplers import SAMPLERS, sample
 from .schedules import NoiseSchedule
 from .train import TrainConfig, train
@@ -201,7 +201,7 @@ def cmd_export(args) -> None:
     state = _training_checkpoint(args.checkpoint)
     meta = {"step": state["step"], "train_config": state["config"], "source": Path(args.checkpoint).name}
     meta.update(args.meta or {})
-    ema_model = UNet(**state["model_config"])
+    ema_model = build_model(state["model_config"])
     ema_model.load_state_dict(state["ema"]["model"])
     _check_finite_output(ema_model.eval(), NoiseSchedule(state["betas"]), args.checkpoint)
     digest = save_weights(ema_model, NoiseSchedule(state["betas"]), args.out, meta)

@@ -1,10 +1,12 @@
-"""Classifier-free guidance (Ho & Salimans 2022): a class-conditional network turned into
-the model function ``(x_t, t) -> eps`` that every sampler of :mod:`ddpm_lib.samplers` takes.
+"""Classifier-free guidance (Ho & Salimans 2022): a class-conditional network (chapter 9), or
+one conditioned on a caption (chapter 12), turned into the model function ``(x_t, t) -> eps``
+that every sampler of :mod:`ddpm_lib.samplers` takes.
 """
 from __future__ import annotations
 
 import torch
 
+from .captions import PAD_ID
 from .checks import integer, integer_dtype, real
 
 Tensor = torch.Tensor
@@ -33,9 +35,7 @@ def guided_model(model, y, w: float, null_class: int | None = None):
     Taught in chapter 9, sections "A toy where every quantity is exact" and "Guiding the
     trained network".
     """
-    w = real("the guidance weight w", w)
-    if w < 0:
-        raise ValueError(f"the guidance weight w must be finite and >= 0, got {w}")
+    w = _weight(w)
     if null_class is None:
         null_class = getattr(model, "num_classes", None)
         if null_class is None:
@@ -53,17 +53,68 @@ def guided_model(model, y, w: float, null_class: int | None = None):
         return value.long()
 
     def eps_model(x_t: Tensor, t: Tensor) -> Tensor:
+        y_cond = labels(y, x_t.shape[0], x_t.device)
+        return guide(model, x_t, t, y_cond, torch.full_like(y_cond, null_class), w)
+
+    return eps_model
+
+
+def _weight(w) -> float:
+    w = real("the guidance weight w", w)
+    if w < 0:
+        raise ValueError(f"the guidance weight w must be finite and >= 0, got {w}")
+    return w
+
+
+def guide(model, x_t: Tensor, t: Tensor, cond: Tensor, null: Tensor, w: float) -> Tensor:
+    """``(1 - w) model(x_t, t, null) + w model(x_t, t, cond)``: the two predictions from ONE
+    call on a batch of 2B (conditions ``[cond, null]``), or, for w = 0 or 1, the one needed
+    from a call of batch B. x_t (B, C, H, W); t an int or (B,); cond and null (B, ...), class
+    labels (B,) or caption tokens (B, L). Taught in chapter 9, "Guiding the trained network",
+    and chapter 12, "Guidance with the empty caption"."""
+    B = x_t.shape[0]
+    t = torch.as_tensor(t, device=x_t.device)
+    t = t.expand(B) if t.ndim == 0 else t
+    if w == 0.0:
+        return model(x_t, t, null)
+    if w == 1.0:
+        return model(x_t, t, cond)
+    eps_cond, eps_uncond = model(torch.cat([x_t, x_t]), torch.cat([t, t]),
+                                 torch.cat([cond, null])).chunk(2)
+    return (1.0 - w) * eps_uncond + w * eps_cond
+
+
+def guided_text_model(model, captions, w: float):
+    """Classifier-free guidance with the empty caption as the null: a model function
+    ``(x_t, t) -> eps`` for any sampler, from a text-conditioned network ``model(x_t, t,
+    tokens)`` (:class:`ddpm_lib.text.TextConditionedUNet`)::
+
+        eps = (1 - w) eps(x_t, t, "") + w eps(x_t, t, caption)
+
+    ``captions``: one caption (a string, for the whole batch), B captions, or token ids (L,)
+    or (B, L) (:func:`ddpm_lib.captions.tokenize`). The empty caption "" is all padding, the
+    condition that label dropout trained the network on. As :func:`guided_model`: w = 0 is
+    the empty-caption prediction, w = 1 the conditional one (each a single call of batch B),
+    otherwise one call of batch 2B. Shapes: x_t (B, C, H, W), t (B,), returns (B, C, H, W).
+    Taught in chapter 12, "Guidance with the empty caption"."""
+    w = _weight(w)
+    if isinstance(captions, (str, list, tuple)):
+        if not hasattr(model, "tokenize"):
+            raise ValueError("captions as text need a model with .tokenize (a "
+                             "TextConditionedUNet); pass token ids instead")
+        captions = model.tokenize(captions)
+    tokens = torch.as_tensor(captions)
+    integer_dtype("caption tokens", tokens, "; make them with ddpm_lib.captions.tokenize")
+    tokens = tokens[None] if tokens.ndim == 1 else tokens
+    if tokens.ndim != 2:
+        raise ValueError(f"caption tokens must have shape (L,) or (B, L), got {tuple(tokens.shape)}")
+
+    def eps_model(x_t: Tensor, t: Tensor) -> Tensor:
         B = x_t.shape[0]
-        t = torch.as_tensor(t, device=x_t.device)
-        t = t.expand(B) if t.ndim == 0 else t
-        y_cond = labels(y, B, x_t.device)
-        y_null = torch.full_like(y_cond, null_class)
-        if w == 0.0:
-            return model(x_t, t, y_null)
-        if w == 1.0:
-            return model(x_t, t, y_cond)
-        eps_cond, eps_uncond = model(torch.cat([x_t, x_t]), torch.cat([t, t]),
-                                     torch.cat([y_cond, y_null])).chunk(2)
-        return (1.0 - w) * eps_uncond + w * eps_cond
+        if tokens.shape[0] not in (1, B):
+            raise ValueError(f"{tokens.shape[0]} captions for a batch of {B}: give one caption "
+                             f"or {B}")
+        cond = tokens.to(x_t.device).expand(B, -1)
+        return guide(model, x_t, t, cond, torch.full_like(cond, PAD_ID), w)
 
     return eps_model

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from .pretrained import load_weights
+from .pretrained import build_model, load_weights
 from .schedules import NoiseSchedule
 from .unet import UNet
 
@@ -83,7 +83,7 @@ def load_from_hub(repo: str | os.PathLike, revision: str | None = None,
                          f"(format {config.get('format')!r}, expected {FORMAT!r})")
     tensors = load_file(str(folder / WEIGHTS_FILE), device=str(device))
     betas = tensors.pop("schedule.betas")
-    model = UNet(**config["unet"]).to(device)
+    model = build_model(config["unet"]).to(device)
     try:
         model.load_state_dict(tensors)
     except RuntimeError as e:

@@ -1,8 +1,8 @@
 """The building blocks of the noise predictor: time embedding, residual
-blocks, self-attention, and down/up sampling. :mod:`ddpm_lib.unet`
-assembles them into networks. Chapter 4 prints these classes next to the
-text, so lines are at most 76 characters (the width of the rendered book's
-code column).
+blocks, self-attention, cross-attention to text, and down/up sampling.
+:mod:`ddpm_lib.unet` assembles them into networks. Chapters 4 and 12
+print these classes next to the text, so lines are at most 76 characters
+(the width of the rendered book's code column).
 """
 
 from __future__ import annotations
@@ -161,6 +161,105 @@ class AttentionBlock(nn.Module):
             q.transpose(-1, -2), k.transpose(-1, -2), v.transpose(-1, -2)
         )
         return x + self.proj(out.transpose(-1, -2).reshape(B, C, H, W))
+
+
+def attention(
+    q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None
+) -> tuple[Tensor, Tensor]:
+    """softmax(Q K^T / sqrt(d)) V (Vaswani et al. 2017, eq. 1), written
+    out; ``F.scaled_dot_product_attention`` computes the same, fused.
+
+    q (..., N, d), k (..., L, d), v (..., L, d_v); ``mask`` (bool,
+    broadcastable to (..., N, L)) is True where a query may look at a key.
+    Every query needs one key it may look at (a row of the softmax over
+    nothing is 0/0). Returns ``(out (..., N, d_v), weights (..., N, L))``,
+    each row of the weights summing to 1. Taught in chapter 12,
+    "Cross-attention"."""
+    d = q.shape[-1]
+    scale = 1.0 / math.sqrt(d)
+    scores = q @ k.transpose(-2, -1) * scale         # (..., N, L)
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    weights = scores.softmax(dim=-1)
+    return weights @ v, weights
+
+
+class MultiHeadAttention(nn.Module):
+    """Queries from ``x`` (B, N, dim), keys and values from ``context``
+    (B, L, context_dim), ``num_heads`` heads of dim / num_heads channels
+    each, then an output projection. ``mask`` (B, L) or (B, N, L), True
+    where a key may be looked at. Returns ``(out (B, N, dim), weights
+    (B, heads, N, L))``. Self-attention is ``context = x``. Taught in
+    chapter 12, "Cross-attention"."""
+
+    def __init__(self, dim: int, context_dim: int, num_heads: int = 1):
+        super().__init__()
+        dim = integer("dim", dim, minimum=1)
+        context_dim = integer("context_dim", context_dim, minimum=1)
+        if dim % integer("num_heads", num_heads, minimum=1):
+            raise ValueError(
+                f"dim ({dim}) must be divisible by num_heads "
+                f"({num_heads})"
+            )
+        self.num_heads = num_heads
+        self.to_q = nn.Linear(dim, dim, bias=False)
+        self.to_k = nn.Linear(context_dim, dim, bias=False)
+        self.to_v = nn.Linear(context_dim, dim, bias=False)
+        self.to_out = nn.Linear(dim, dim)
+
+    def heads(self, x: Tensor) -> Tensor:
+        """(B, N, dim) -> (B, heads, N, dim / heads)."""
+        B, N, dim = x.shape
+        return x.view(B, N, self.num_heads, -1).transpose(1, 2)
+
+    def forward(
+        self, x: Tensor, context: Tensor, mask: Tensor | None = None
+    ) -> tuple[Tensor, Tensor]:
+        q = self.heads(self.to_q(x))
+        k = self.heads(self.to_k(context))
+        v = self.heads(self.to_v(context))
+        if mask is not None:     # the same mask for every head
+            mask = (mask[:, None] if mask.ndim == 2 else mask)[:, None]
+        out, weights = attention(q, k, v, mask)
+        out = out.transpose(1, 2).flatten(2)      # (B, N, dim)
+        return self.to_out(out), weights
+
+
+class CrossAttentionBlock(nn.Module):
+    """Each pixel attends to the words of a caption, with a residual
+    connection (Rombach et al. 2022): queries from the normalised pixels
+    (B, HW, C), keys and values from the text encoder's tokens (B, L, D).
+
+    A learned null token is always put before the words, so every pixel
+    has a key to look at: padding gets weight exactly 0, and the empty
+    caption (all padding) attends only to the null token, finite, the
+    same as no caption at all (``context`` of length 0).
+    (B, C, H, W), (B, L, D), (B, L) bool (True for words) ->
+    (B, C, H, W). With ``record = True``, each call keeps its weights
+    (B, heads, HW, 1 + L) in ``weights`` (column 0: the null token), for
+    per-word attention maps. Taught in chapter 12, "Cross-attention"."""
+
+    def __init__(
+        self, channels: int, context_dim: int, num_heads: int = 1
+    ):
+        super().__init__()
+        self.norm = nn.GroupNorm(_groups(channels), channels)
+        self.null_token = nn.Parameter(torch.randn(context_dim) * 0.02)
+        self.attn = MultiHeadAttention(channels, context_dim, num_heads)
+        self.record, self.weights = False, None
+
+    def forward(
+        self, x: Tensor, context: Tensor, context_mask: Tensor
+    ) -> Tensor:
+        B, C, H, W = x.shape
+        pixels = self.norm(x).flatten(2).transpose(1, 2)   # (B, HW, C)
+        null = self.null_token.to(context.dtype).expand(B, 1, -1)
+        keys = torch.cat([null, context], dim=1)      # (B, 1 + L, D)
+        mask = torch.cat([context_mask.new_ones(B, 1), context_mask], 1)
+        out, weights = self.attn(pixels, keys, mask)
+        if self.record:
+            self.weights = weights.detach()
+        return x + out.transpose(1, 2).reshape(B, C, H, W)
 
 
 class Downsample(nn.Module):

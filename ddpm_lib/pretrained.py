@@ -1,7 +1,8 @@
 """Weights that ship with the book, and loading exported weights.
 
 ``python -m ddpm_lib export`` (or :func:`save_weights`) writes a file that holds the EMA
-weights, the UNet's configuration and the schedule's betas; :func:`load_weights` reads it back with
+weights, the network's configuration (a UNet's, or a text model's: its vocabulary, encoder
+size and U-Net, chapter 12) and the schedule's betas; :func:`load_weights` reads it back with
 ``torch.load(..., weights_only=True)`` (no pickled code is ever run). :func:`load_pretrained`
 loads a model that ships inside the package, after checking its sha256.
 """
@@ -12,6 +13,7 @@ from pathlib import Path
 from .autoencoder import VAE, load_vae
 from .io import FILE_KINDS, file_kind, load_verified, save_checkpoint, sha256
 from .schedules import NoiseSchedule
+from .text import TextConditionedUNet
 from .unet import UNet
 
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
@@ -57,13 +59,23 @@ def save_weights(model: UNet, schedule: NoiseSchedule, path, meta: dict | None =
     """Write ``model``'s weights (usually the EMA model), its configuration and the schedule's
     betas to ``path``, atomically, in the format :func:`load_weights` reads. Returns the sha256.
     Used in chapter 11, "Mixed precision: bf16" (snapshots of the EMA weights); the format is
-    the one ``export`` writes in chapter 5, "A simulated disconnect"."""
+    the one ``export`` writes in chapter 5, "A simulated disconnect". A text model's
+    configuration round-trips too (chapter 12, "Training on captions")."""
     if getattr(model, "config", None) is None:
         raise ValueError("model has no .config: save_weights takes a ddpm_lib UNet")
     blob = {"state_dict": {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()},
             "model_config": model.config, "betas": schedule.float64("betas"), "meta": dict(meta or {})}
     save_checkpoint(blob, path)
     return sha256(path)
+
+
+def build_model(model_config: dict) -> UNet:
+    """The (untrained) network a saved ``model_config`` describes: a
+    :class:`~ddpm_lib.text.TextConditionedUNet` when it holds a ``vocabulary`` (chapter 12),
+    else a :class:`~ddpm_lib.unet.UNet`. Taught in chapter 12, "Training on captions"."""
+    if "vocabulary" in model_config:
+        return TextConditionedUNet(**model_config)
+    return UNet(**model_config)
 
 
 def _not_weights_advice(path: Path, kind: str) -> str:
@@ -90,7 +102,7 @@ def load_weights(path, device="cpu", sha256: str | None = None) -> tuple[UNet, N
     if kind != "weights":
         raise ValueError(f"{path} is not a ddpm_lib weights file (made by `python -m ddpm_lib "
                          f"export`): it is {FILE_KINDS[kind]}; {_not_weights_advice(path, kind)}")
-    model = UNet(**blob["model_config"]).to(device)
+    model = build_model(blob["model_config"]).to(device)
     try:
         model.load_state_dict(blob["state_dict"])
     except RuntimeError as e:

@@ -25,6 +25,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .accel import COMPILE_MODES, FastPath, check_precision, distributed_info, fast_path
+from .captions import PAD_ID, check_tokens
 from .checks import training_data, trusted_inputs
 from .io import save_checkpoint
 from .objectives import check as check_objective
@@ -32,6 +33,7 @@ from .objectives import diffusion_loss, loss_simple  # noqa: F401  (loss_simple:
 from .ema import EMA
 from .runs import (Generators, LossLog, hold_checkpoint, lr_at, optimizer_step, read_resumable,
                    resume_differences, unusable_weights)
+from .text import TextConditionedUNet
 
 Tensor = torch.Tensor
 
@@ -85,7 +87,6 @@ class TrainConfig:
             raise ValueError("checkpoint_every and warmup_steps must be >= 0, log_every >= 1")
 
 
-
 @dataclass
 class TrainResult:
     """What :func:`train` returns: the trained model, its EMA copy, and the history.
@@ -105,7 +106,8 @@ def draw_batch(gens: Generators, images: Tensor, labels: Tensor | None, config: 
                T: int, device: torch.device, fast: FastPath, null_class: int | None = None):
     """One batch ``(x0, t, eps, y)`` for Algorithm 1: images (with random flips if
     ``config.hflip``), timesteps, noise, and labels (each replaced by ``null_class`` with
-    probability ``config.label_dropout``; None without labels). Every process draws the same
+    probability ``config.label_dropout``; None without labels), class labels (N,) or caption
+    tokens (N, L), whose rows drop whole to padding (chapter 12). Every process draws the same
     global batch of ``config.batch_size`` from the same generators and keeps its own shard:
     x0, eps (B / world, C, H, W), t and y (B / world,).
     Taught in chapter 5, "One optimiser step, by hand"; sharded as in chapter 11 (``ch11-ddp``)."""
@@ -126,7 +128,8 @@ def draw_batch(gens: Generators, images: Tensor, labels: Tensor | None, config: 
     y = None
     if labels is not None:
         y = labels[idx].to(device)
-        y = torch.where(drop[shard].to(device), torch.full_like(y, null_class), y)
+        dropped = drop[shard].to(device).view(-1, *[1] * (y.ndim - 1))   # a row of tokens whole
+        y = torch.where(dropped, torch.full_like(y, null_class), y)
     return x0, t, eps, y
 
 
@@ -269,6 +272,19 @@ def save(run: Run) -> None:
         torch.distributed.barrier()     # nobody runs ahead of a checkpoint being written
 
 
+def check_data(model, images: Tensor, labels: Tensor | None, check_range: bool = True):
+    """Check the training set; return the null that label dropout puts in: the null class for
+    class labels (N,), padding (id 0, the empty caption) for the caption tokens (N, L) of a
+    :class:`~ddpm_lib.text.TextConditionedUNet`. Taught in chapter 12, "Training on captions"."""
+    if not isinstance(model, TextConditionedUNet):
+        training_data(images, labels, getattr(model, "num_classes", None), check_range)
+        return getattr(model, "num_classes", None)
+    training_data(images, None, None, check_range)
+    if labels is not None:
+        check_tokens(labels, len(model.vocabulary), images.shape[0], "caption tokens (labels)")
+    return PAD_ID
+
+
 def _place(model, schedule, images: Tensor, labels: Tensor | None, device: torch.device,
            fast: FastPath):
     """Move the model (channels-last if asked), the schedule and, with ``data_on_device``,
@@ -312,12 +328,13 @@ def train(model: torch.nn.Module, schedule, images: Tensor, config: TrainConfig 
     ``config`` (or keyword overrides such as ``steps=500``) sets the run. With ``checkpoint``, the
     state is saved there every ``checkpoint_every`` steps and at the end, and if the file already
     exists (and ``resume``) training continues from it up to ``config.steps``: run the same cell
-    again after a disconnect and it picks up where it was. Class labels (N,) make a
-    class-conditional model learn with label dropout. ``check_range=False`` accepts data outside
-    [-1, 1] (latents of an autoencoder, say). ``callback(step, model, ema)``, if given, runs after
-    every step; returning True stops training there (benchmarks use it to time steps and to stop at
-    a wall-clock budget). With several processes it must give the same answer on all of them
-    (decide from ``step``, not from a clock), or the others wait for ever at the next all-reduce.
+    again after a disconnect and it picks up where it was. Class labels (N,) (or a text model's
+    caption tokens (N, L), chapter 12) make a conditional model learn with label dropout.
+    ``check_range=False`` accepts data outside [-1, 1] (latents of an autoencoder, say).
+    ``callback(step, model, ema)``, if given, runs after every step; returning True stops
+    training there (benchmarks use it to time steps and to stop at a wall-clock budget). With
+    several processes it must give the same answer on all of them (decide from ``step``, not
+    from a clock), or the others wait for ever at the next all-reduce.
 
     Checkpoints, before any training: the run takes the lock file ``<checkpoint>.lock``
     (another live run on the same checkpoint raises :class:`ddpm_lib.io.CheckpointBusy`; an
@@ -340,7 +357,7 @@ def train(model: torch.nn.Module, schedule, images: Tensor, config: TrainConfig 
     if {"bf16", "fp16"} & overrides.keys():
         raise ValueError("bf16 and fp16 are one setting now: precision='fp32', 'bf16', 'fp16' or 'auto'")
     config = TrainConfig(**{**(asdict(config) if config else {}), **overrides})
-    training_data(images, labels, getattr(model, "num_classes", None), check_range)
+    null_label = check_data(model, images, labels, check_range)
     rank, world = distributed_info()
     if config.batch_size % world:
         raise ValueError(f"batch_size {config.batch_size} must be divisible by the number of "
@@ -366,7 +383,7 @@ def train(model: torch.nn.Module, schedule, images: Tensor, config: TrainConfig 
                    disable=not progress or rank != 0)
         while run.step < config.steps:
             x0, t, eps, y = draw_batch(run.gens, images, labels, config, schedule.T, device,
-                                       fast, getattr(model, "num_classes", None))
+                                       fast, null_label)
             for group in run.optimizer.param_groups:
                 group["lr"] = lr_at(run.step, config.lr, config.warmup_steps)
             with trusted_inputs():           # valid by construction: no checks, no host reads
