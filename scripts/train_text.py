@@ -14,6 +14,14 @@ weights (``fashion_mnist_text.pt``, the format of ``python -m ddpm_lib export``,
 ``ddpm_lib.pretrained.load_weights``) and ``train_text.json``: what was run and measured
 (steps, seconds, seconds per 100 steps, the loss, the 1-minute load average before and after).
 Training stops at ``--max-steps`` or at the first step past ``--budget`` seconds.
+
+``--checkpoint`` makes the run resumable: the full training state is written to
+``--out``/checkpoint.pt every 200 steps and at the end, and the same command run again
+continues from it (give ``--max-steps`` as the total: the learning rate is constant after the
+warm-up, so the total does not change the run). The JSON then records where this part started
+(``resumed_from``) and only this part's seconds.
+
+    python scripts/train_text.py --out runs/text --budget 3000 --max-steps 6000 --checkpoint
 """
 from __future__ import annotations
 
@@ -29,6 +37,7 @@ import torch
 
 from ddpm_lib import captions
 from ddpm_lib.bench import cpu_name
+from ddpm_lib.io import load_checkpoint
 from ddpm_lib.pretrained import save_weights
 from ddpm_lib.schedules import NoiseSchedule
 from ddpm_lib.text import TextConditionedUNet
@@ -62,6 +71,8 @@ def main() -> None:
     p.add_argument("--limit", type=int, default=None, help="use only the first N training images")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     p.add_argument("--device", default=None)
+    p.add_argument("--checkpoint", action="store_true",
+                   help="write --out/checkpoint.pt every 200 steps and resume from it when present")
     args = p.parse_args()
     if args.max_steps < 1 or not args.budget > 0:
         p.error("--max-steps must be >= 1 and --budget > 0")
@@ -79,18 +90,22 @@ def main() -> None:
                   ema_decay=args.ema_decay, grad_clip=1.0, label_dropout=args.label_dropout,
                   seed=args.seed, log_every=10 if args.max_steps < 1000 else 100)
 
+    checkpoint = args.out / "checkpoint.pt" if args.checkpoint else None
+    resumed_from = load_checkpoint(checkpoint)["step"] if checkpoint and checkpoint.exists() else 0
+    if checkpoint:
+        recipe["checkpoint_every"] = 200
     load_before = os.getloadavg()[0]        # was the machine idle? (1-minute load average)
     start = time.perf_counter()
     result = train(model, schedule, data.images, labels=data.tokens, steps=args.max_steps,
-                   device=device, progress=False,
+                   device=device, progress=False, checkpoint=checkpoint,
                    callback=lambda step, m, e: time.perf_counter() - start >= args.budget,
                    **recipe)
     if device.type == "cuda":
         torch.cuda.synchronize()
     seconds = time.perf_counter() - start
     info = dict(
-        steps=result.step, seconds=round(seconds, 1),
-        seconds_per_100_steps=round(100 * seconds / result.step, 1),
+        steps=result.step, resumed_from=resumed_from, seconds=round(seconds, 1),
+        seconds_per_100_steps=round(100 * seconds / max(result.step - resumed_from, 1), 1),
         final_loss=result.history["loss"][-1] if result.history["loss"] else None,
         losses=dict(step=result.history["step"], loss=result.history["loss"]),
         params=count_parameters(model), images=len(data.labels), limit=args.limit,
