@@ -116,7 +116,7 @@ def sdedit(model, schedule, x0: Tensor, t_start: int, *, sampler: str | Sampler 
     :func:`~ddpm_lib.samplers.sample`: the sampler's (``eta=``, ``sigma=``, ``order=``) and
     ``clip_x0=``, ``trajectory=``, ``progress=``. ``generator`` draws the forward noise, then
     the sampler's. Shapes: x0 (B, C, H, W), returns (B, C, H, W) float32.
-    Taught in chapter 13, section "SDEdit".
+    Taught in chapter 13, section "SDEdit: noise, then denoise" (``ch13-sdedit``).
     """
     x0 = _check_batch("x0", x0)
     schedule = _on(schedule, x0.device)
@@ -159,7 +159,8 @@ def replace_step(schedule, x_t, t, t_prev, eps, x0_hat, *, state, denoise=None, 
     that skips timesteps, the DDPM step is the respaced one. ``x_known`` (B, C, H, W),
     ``mask`` broadcastable to it, 1 where known; the values of x_known in the hole are
     never used. The step function of ``INPAINTING["replace"]``; run it with :func:`inpaint`.
-    Taught in chapter 13, section "Inpainting".
+    Taught in chapter 13, section "Inpainting with an unconditional model"
+    (``ch13-inpainting``).
     """
     x_prev = ddpm_step(schedule, x_t, t, t_prev, eps, x0_hat, state=state, generator=generator,
                        sigma=sigma).x_prev
@@ -186,7 +187,8 @@ def repaint_step(schedule, x_t, t, t_prev, eps, x0_hat, *, state, denoise=None, 
     (t_prev = -1) is done once: its passes would all give the same image. Jump length 1:
     the paper also re-noises j > 1 steps at a time (its j = 10); not done here. Cost: U
     network calls per timestep, made with ``denoise`` inside this one step.
-    Taught in chapter 13, section "Inpainting".
+    Taught in chapter 13, section "Inpainting with an unconditional model"
+    (``ch13-inpainting``).
     """
     options = dict(state=state, generator=generator, x_known=x_known, mask=mask, sigma=sigma)
     out = replace_step(schedule, x_t, t, t_prev, eps, x0_hat, **options)
@@ -237,7 +239,8 @@ def inpaint(model, schedule, x_known: Tensor, mask: Tensor, *, method: str = "re
     ``sigma``, ``generator``, ``prediction``, ``clip_x0``, ``x_T``, ``trajectory``,
     ``progress``: as for :func:`~ddpm_lib.samplers.sample`, which runs the
     :data:`INPAINTING` entry of ``method``. Returns (B, C, H, W) float32.
-    Taught in chapter 13, section "Inpainting".
+    Taught in chapter 13, section "Inpainting with an unconditional model"
+    (``ch13-inpainting``).
     """
     if method not in INPAINTING:
         raise ValueError(f"method must be 'replace' or 'repaint' (RePaint), got {method!r}")
@@ -286,7 +289,8 @@ def ddim_invert(model, schedule, x0: Tensor, steps: int | None = None, *, timest
     ``clip_x0`` is False by default: clipping x0_hat would make the map non-invertible.
     ``trajectory``: a new :class:`~ddpm_lib.samplers.Trajectory`, to record each step's
     target timestep, x there and the x0_hat used, clean to noisy. x0 (B, C, H, W); returns
-    x at t_K (T-1 by default), float32. Taught in chapter 13, section "DDIM inversion".
+    x at t_K (T-1 by default), float32. Taught in chapter 13, section "DDIM inversion"
+    (``ch13-inversion``).
     """
     x0 = _check_batch("x0", x0)
     schedule = _on(schedule, x0.device)
@@ -321,7 +325,7 @@ def ddim_reconstruct(model, schedule, x_T: Tensor, steps: int | None = None, *, 
     Edit between the two (another class through
     :func:`~ddpm_lib.guidance.guided_model`, another prompt) and the result keeps what the
     inverted x_T encodes of the original. x_T (B, C, H, W); returns (B, C, H, W) float32.
-    Taught in chapter 13, section "DDIM inversion".
+    Taught in chapter 13, section "DDIM inversion" (``ch13-inversion``).
     """
     x_T = _check_batch("x_T", x_T)
     return sample(model, schedule, x_T.shape, sampler="ddim", steps=steps, spacing=spacing,
