@@ -19,6 +19,11 @@ Weighting, per image, of the squared error of the chosen target:
                                                x0 (min(SNR, gamma)) and v
                                                (min(SNR, gamma) / (SNR + 1))
                                                (Hang et al. 2023)
+    "elbo":     kappa_t / mean_t(kappa_t)      the weights that make the eps-MSE the ELBO's
+                                               term L_{t-1} (Ho et al. 2020, eq. 12; chapter
+                                               3's kappa_t, sigma_t^2 = beta_tilde_t), scaled
+                                               to mean 1 over t; times SNR for x0 and
+                                               SNR / (SNR + 1) for v
 
 Taught in chapter 5, "Algorithm 1, line by line" (:func:`loss_simple`), and in the chapter
 on flow matching.
@@ -28,10 +33,12 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .diffusion import elbo_weight
+
 Tensor = torch.Tensor
 
 PREDICTIONS = ("eps", "x0", "v", "flow")
-WEIGHTINGS = ("uniform", "min_snr")
+WEIGHTINGS = ("uniform", "min_snr", "elbo")
 
 
 def check(prediction: str, weighting: str = "uniform", snr_gamma: float = 5.0) -> None:
@@ -69,15 +76,34 @@ def noisy_and_target(schedule, x0: Tensor, t: Tensor, eps: Tensor,
     return x_t, schedule.velocity(x0, t, eps)
 
 
+def elbo_eps_weights(schedule) -> Tensor:
+    """The ELBO's weight on the eps-MSE at each timestep, float64 (T,), scaled to mean 1:
+    kappa_t = beta_t^2 / (2 sigma_t^2 alpha_t (1 - alpha_bar_t)) with the true posterior's
+    variance sigma_t^2 = beta_tilde_t, so that L_{t-1} = kappa_t ||eps - eps_theta||^2
+    (per pixel; chapter 3, "The mean written with the noise"). At the first timestep
+    beta_tilde is 0 (that term is the decoder's), and sigma^2 = beta_1 is used there, as Ho
+    et al. (2020) do for L_0, which gives kappa = 1 / (2 alpha_1). Equal to
+    (SNR_{t-1} - SNR_t) / (2 SNR_t) for the others. The scale (1 / the mean of kappa) only
+    rescales the learning rate; it keeps the average weight of L_simple."""
+    beta, alpha_bar = schedule.float64("betas"), schedule.float64("alpha_bars")
+    sigma2 = schedule.float64("beta_tilde").clone()
+    sigma2[0] = beta[0]
+    kappa = elbo_weight(beta, alpha_bar, sigma2)
+    return kappa / kappa.mean()
+
+
 def loss_weights(schedule, t: Tensor, prediction: str = "eps", weighting: str = "uniform",
                  snr_gamma: float = 5.0) -> Tensor | None:
     """Per-image weights (B,) for the squared error of ``prediction`` at timesteps ``t``;
-    None for uniform weights. min-SNR-gamma (Hang et al. 2023) weights the x0-error by
+    None for uniform weights; ``"elbo"``: :func:`elbo_eps_weights`, converted. min-SNR-gamma (Hang et al. 2023) weights the x0-error by
     min(SNR, gamma); for eps, whose error is SNR times smaller, that is min(SNR, gamma) / SNR,
     and for v, min(SNR, gamma) / (SNR + 1)."""
     if weighting == "uniform":
         return None
     snr = schedule.snr[t.to(schedule.device)]
+    if weighting == "elbo":
+        w_eps = elbo_eps_weights(schedule).to(schedule.device, torch.float32)[t.to(schedule.device)]
+        return {"eps": w_eps, "x0": w_eps * snr, "v": w_eps * snr / (snr + 1.0)}[prediction]
     clamped = snr.clamp(max=snr_gamma)
     if prediction == "eps":
         return clamped / snr

@@ -60,7 +60,7 @@ class TrainConfig:
     data_on_device: bool | None = None  # keep the dataset on the GPU and draw batches there
     # what the network predicts and how timesteps are weighted (ddpm_lib.objectives)
     prediction: str = "eps"          # "eps" | "x0" | "v" | "flow" (flow matching's velocity)
-    weighting: str = "uniform"       # "uniform" (L_simple) | "min_snr" (min(SNR, gamma) clamp)
+    weighting: str = "uniform"       # "uniform" (L_simple) | "min_snr" | "elbo" (objectives.py)
     snr_gamma: float = 5.0
     seed: int = 0
     checkpoint_every: int = 0        # 0: only at the end (when a checkpoint path is given)

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from ddpm_lib import NoiseSchedule, flow, objectives
+from ddpm_lib import NoiseSchedule, diffusion, flow, objectives
 from ddpm_lib.analytic import gaussian_eps_predictor
 from ddpm_lib.samplers import sample
 from ddpm_lib.train import TrainConfig, train
@@ -89,7 +89,7 @@ def test_weighted_loss_is_the_weighted_mean_of_squared_errors(linear):
 def test_bad_objectives_are_refused():
     with pytest.raises(ValueError, match="prediction must be one of eps, x0, v, flow"):
         TrainConfig(prediction="score")
-    with pytest.raises(ValueError, match="weighting must be one of uniform, min_snr"):
+    with pytest.raises(ValueError, match="weighting must be one of uniform, min_snr, elbo"):
         TrainConfig(weighting="elbo-ish")
     with pytest.raises(ValueError, match="flow matching trains with weighting='uniform'"):
         TrainConfig(prediction="flow", weighting="min_snr")
@@ -182,3 +182,36 @@ def test_training_with_each_target_lowers_its_loss(prediction):
                    log_every=10, prediction=prediction, progress=False)
     loss = result.history["loss"]
     assert loss[-1] < loss[0], loss
+
+
+def test_elbo_weights_make_the_eps_mse_the_elbo_terms(linear):
+    """With kappa's scale put back, the "elbo"-weighted eps-MSE of any predictor is the
+    ELBO's KL term L_{t-1} between q(x_{t-1} | x_t, x0) and p's Gaussian of variance
+    beta_tilde, per pixel, for t >= 1; the same weight is (SNR_{t-1} - SNR_t) / (2 SNR_t);
+    and x0 and v carry it converted, so the three targets weigh the same error alike."""
+    w = objectives.elbo_eps_weights(linear)
+    ab = linear.float64("alpha_bars")
+    snr = ab / (1 - ab)
+    assert w.mean().item() == pytest.approx(1.0, rel=1e-12)
+    scale = 1.0 / (2.0 * (1.0 - linear.float64("betas")[0])) / w[0]   # kappa_0 = 1/(2 alpha_1)
+    kappa = w * scale
+    assert torch.allclose(kappa[1:], (snr[:-1] - snr[1:]) / (2 * snr[1:]), rtol=1e-9)
+    # the KL of each image's pixels, from the posterior means: an independent route
+    g = torch.Generator().manual_seed(3)
+    x0 = torch.rand(6, 1, 4, 4, generator=g, dtype=torch.float64) * 2 - 1
+    eps = torch.randn(6, 1, 4, 4, generator=g, dtype=torch.float64)
+    t = torch.tensor([1, 10, 100, 400, 800, 999])
+    model = lambda x, tt: 0.7 * x + 0.1                                  # noqa: E731
+    got = objectives.diffusion_loss(model, linear, x0.float(), t, eps.float(),
+                                    weighting="elbo", reduction="none").double()
+    a, b = ab[t].view(-1, 1, 1, 1), linear.float64("betas")[t].view(-1, 1, 1, 1)
+    a_prev = linear.float64("alpha_bars_prev")[t].view(-1, 1, 1, 1)
+    x_t = a.sqrt() * x0 + (1 - a).sqrt() * eps
+    mu_q = diffusion.posterior_mean(x0, x_t, b, a, a_prev)
+    mu_p = diffusion.reverse_mean_from_eps(x_t, model(x_t, t), b, a)
+    var = linear.float64("beta_tilde")[t].view(-1, 1, 1, 1)
+    kl = diffusion.gaussian_kl(mu_q, var, mu_p, var).flatten(1).mean(1)
+    assert torch.allclose(got * scale, kl, rtol=1e-3)
+    for prediction, factor in (("x0", snr), ("v", snr / (snr + 1))):
+        wp = objectives.loss_weights(linear, t, prediction, "elbo").double()
+        assert torch.allclose(wp, (w * factor)[t], rtol=1e-5), prediction
