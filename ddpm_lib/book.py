@@ -136,6 +136,7 @@ RESULTS_SHA256 = {
     "sde_sweep_cpu.json": "c77f4f81ca25d39b5649c141fcf85e25b00aa244292ef339bfc7670715f4f156",
     "sweep_h200.json": "1708b70f59e9fd32d3cbe575f2b24f18a497f98a3b81cd884c2dd77524387ba1",
     "train_cfg_h200.json": "c2db9a60c455845058c42151c3ff822b4f438efd26470a7bee6c8aaf9b519e37",
+    "train_text_cpu.json": "5044af9b6ff1e9daa82ea8cb63e0e88e830fd0622c423142e38e22aaefaadd9e",
     "train_latent_shipped_cpu.json": "dc36ce36aad52fbc090315f746cb4e5255ad381a689ca5a09e6fc3259045c4a3",
 }
 

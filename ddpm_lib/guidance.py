@@ -84,37 +84,55 @@ def guide(model, x_t: Tensor, t: Tensor, cond: Tensor, null: Tensor, w: float) -
     return (1.0 - w) * eps_uncond + w * eps_cond
 
 
-def guided_text_model(model, captions, w: float):
-    """Classifier-free guidance with the empty caption as the null: a model function
-    ``(x_t, t) -> eps`` for any sampler, from a text-conditioned network ``model(x_t, t,
-    tokens)`` (:class:`ddpm_lib.text.TextConditionedUNet`)::
+def guided_text_model(model, captions, w: float, null=""):
+    """Classifier-free guidance with a caption: a model function ``(x_t, t) -> eps`` for any
+    sampler, from a text-conditioned network ``model(x_t, t, tokens)``
+    (:class:`ddpm_lib.text.TextConditionedUNet`)::
 
-        eps = (1 - w) eps(x_t, t, "") + w eps(x_t, t, caption)
+        eps = (1 - w) eps(x_t, t, null) + w eps(x_t, t, caption)
 
     ``captions``: one caption (a string, for the whole batch), B captions, or token ids (L,)
-    or (B, L) (:func:`ddpm_lib.captions.tokenize`). The empty caption "" is all padding, the
-    condition that label dropout trained the network on. As :func:`guided_model`: w = 0 is
-    the empty-caption prediction, w = 1 the conditional one (each a single call of batch B),
-    otherwise one call of batch 2B. Shapes: x_t (B, C, H, W), t (B,), returns (B, C, H, W).
-    Taught in chapter 12, "Guidance with the empty caption"."""
+    or (B, L) (:func:`ddpm_lib.captions.tokenize`). ``null`` is given the same ways; the
+    default, the empty caption "" (all padding), is the condition that caption dropout trained
+    the network on: plain classifier-free guidance. Another caption as ``null`` guides along
+    the difference between the two, e.g. from "a trouser" towards "a dark trouser" (chapter
+    12, "Guiding towards a word"; a negative prompt is the same with the unwanted caption).
+    As :func:`guided_model`: w = 0 is the null prediction, w = 1 the conditional one (each a
+    single call of batch B), otherwise one call of batch 2B. Shapes: x_t (B, C, H, W), t (B,),
+    returns (B, C, H, W). Taught in chapter 12, "Guidance with the empty caption"."""
     w = _weight(w)
-    if isinstance(captions, (str, list, tuple)):
-        if not hasattr(model, "tokenize"):
-            raise ValueError("captions as text need a model with .tokenize (a "
-                             "TextConditionedUNet); pass token ids instead")
-        captions = model.tokenize(captions)
-    tokens = torch.as_tensor(captions)
-    integer_dtype("caption tokens", tokens, "; make them with ddpm_lib.captions.tokenize")
-    tokens = tokens[None] if tokens.ndim == 1 else tokens
-    if tokens.ndim != 2:
-        raise ValueError(f"caption tokens must have shape (L,) or (B, L), got {tuple(tokens.shape)}")
+    tokens = _caption_tokens(model, captions, "caption")
+    if isinstance(null, str) and null == "":        # the empty caption: all padding
+        null_tokens = torch.full_like(tokens[:1], PAD_ID)
+    else:
+        null_tokens = _caption_tokens(model, null, "null caption")
+    if tokens.shape[1] != null_tokens.shape[1]:
+        raise ValueError(f"the captions have {tokens.shape[1]} token positions and the null "
+                         f"caption {null_tokens.shape[1]}: tokenize both with the same max_len")
 
     def eps_model(x_t: Tensor, t: Tensor) -> Tensor:
         B = x_t.shape[0]
-        if tokens.shape[0] not in (1, B):
-            raise ValueError(f"{tokens.shape[0]} captions for a batch of {B}: give one caption "
-                             f"or {B}")
+        for ids, what in ((tokens, "captions"), (null_tokens, "null captions")):
+            if ids.shape[0] not in (1, B):
+                raise ValueError(f"{ids.shape[0]} {what} for a batch of {B}: give one "
+                                 f"or {B}")
         cond = tokens.to(x_t.device).expand(B, -1)
-        return guide(model, x_t, t, cond, torch.full_like(cond, PAD_ID), w)
+        return guide(model, x_t, t, cond, null_tokens.to(x_t.device).expand(B, -1), w)
 
     return eps_model
+
+
+def _caption_tokens(model, captions, what: str) -> Tensor:
+    """Token ids (B, L) of captions given as text (tokenized by ``model.tokenize``) or ids."""
+    if isinstance(captions, (str, list, tuple)):
+        if not hasattr(model, "tokenize"):
+            raise ValueError(f"a {what} as text needs a model with .tokenize (a "
+                             "TextConditionedUNet); pass token ids instead")
+        captions = model.tokenize(captions)
+    tokens = torch.as_tensor(captions)
+    integer_dtype(f"{what} tokens", tokens, "; make them with ddpm_lib.captions.tokenize")
+    tokens = tokens[None] if tokens.ndim == 1 else tokens
+    if tokens.ndim != 2:
+        raise ValueError(f"{what} tokens must have shape (L,) or (B, L), got "
+                         f"{tuple(tokens.shape)}")
+    return tokens

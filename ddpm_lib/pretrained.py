@@ -46,6 +46,17 @@ PRETRAINED: dict[str, dict] = {
                 "--only latent --threads 1 --budget 1500 --out ddpm_lib/weights"),
         latent=True,        # its samples are latents: decode them with load_pretrained_vae()
     ),
+    "fashion_mnist_text": dict(
+        file="fashion_mnist_text.pt",
+        sha256="f4b0f4a5f0c01f49facccd12641e1eacbae7404d88b02942aa4b0689d604c2fb",
+        # the text-to-image model of chapter 12 (TextConditionedUNet, 1.28 M parameters): 3871
+        # steps at batch 128 in 6102 s on a 2-core CPU (AMD EPYC, 2 threads), in two parts, the
+        # second resumed from the first's checkpoint (ddpm_lib/results/train_text_cpu.json)
+        recipe=("python scripts/train_text.py --out runs/text --budget 2100 --max-steps 6000 "
+                "--checkpoint --threads 2; python scripts/train_text.py --out runs/text --budget "
+                "4000 --max-steps 4000 --checkpoint --threads 2; "
+                "cp runs/text/fashion_mnist_text.pt ddpm_lib/weights/"),
+    ),
 }
 
 # The autoencoder of latent diffusion (ddpm_lib.autoencoder.VAE): 3000 steps at batch 128 on

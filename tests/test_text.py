@@ -241,6 +241,29 @@ def test_guidance_with_the_empty_caption():
         guided_text_model(model, tokens, -1.0)
 
 
+def test_guidance_towards_a_word():
+    """null= another caption: (1 - w) eps(null) + w eps(caption), in one call of 2B."""
+    model = text_unet()
+    for p in model.parameters():
+        p.data.add_(torch.randn_like(p) * 0.05)
+    x, t = torch.randn(2, 1, 28, 28), torch.tensor([300, 300])
+    with torch.no_grad():
+        cond = model(x, t, model.tokenize(["a dark coat"] * 2))
+        base = model(x, t, model.tokenize(["a coat"] * 2))
+        empty = model(x, t, model.tokenize(["", ""]))
+        towards = guided_text_model(model, "a dark coat", 4.0, null="a coat")
+        assert torch.allclose(towards(x, t), base + 4.0 * (cond - base), atol=1e-5)
+        assert not torch.allclose(towards(x, t), empty + 4.0 * (cond - empty), atol=1e-3)
+        assert torch.equal(guided_text_model(model, "a dark coat", 0.0, null="a coat")(x, t), base)
+        # the default null is the empty caption, as text or as padding ids
+        assert torch.allclose(guided_text_model(model, "a dark coat", 2.0, null=tokenize(""))(x, t),
+                              guided_text_model(model, "a dark coat", 2.0)(x, t))
+    with pytest.raises(ValueError, match="same max_len"):
+        guided_text_model(model, "a dark coat", 2.0, null=tokenize("a coat", max_len=4))
+    with pytest.raises(ValueError, match="2 null captions for a batch of 3"):
+        guided_text_model(model, "a coat", 2.0, null=["a coat", "a bag"])(torch.randn(3, 1, 28, 28), 100)
+
+
 def test_class_guidance_is_unchanged():
     """guided_model (chapter 9) still makes one call of 2B and the same combination."""
     torch.manual_seed(0)
