@@ -6,7 +6,6 @@ for the Hub); ``sample`` takes such a file or a shipped model's name and writes 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -17,110 +16,23 @@ import torch
 
 from . import __version__, data, features
 from .accel import COMPILE_MODES, PRECISIONS, distributed_info, init_distributed
-from .guidance import guided_model
+from .cli_args import (DEVICE_HELP, IMAGE_SUFFIXES, OPTION_HELP, HelpFormatter, _at_least, _device, _image_path,
+                       _ints, _json_object, _label, _npy_path, _switch)
+from .guidance import guided_model, guided_text_model
 from .hub import CONFIG_FILE, WEIGHTS_FILE, export_safetensors
 from .io import FILE_KINDS, CheckpointBusy, file_kind, load_checkpoint, sha256
 from .pretrained import PRETRAINED, build_model, load_pretrained, load_pretrained_vae, load_weights, save_weights
 from .samplers import SAMPLERS, sample
 from .schedules import NoiseSchedule
+from .text import TextConditionedUNet
 from .train import TrainConfig, train
 from .unet import UNet, count_parameters
 from .viz import save_grid
 
-# what --out may end with: formats that viz.save_grid (matplotlib, through PIL) writes
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tiff", ".webp", ".pdf", ".svg")
-DEVICE_HELP = "cpu, cuda, cuda:N or mps (default: cuda if there is one)"
 LATENT_MODELS = sorted(name for name, entry in PRETRAINED.items() if entry.get("latent"))
 BEST_GUIDANCE = 2.0             # chapter 9: the lowest FID-style score of the shipped cfg model
-OPTION_HELP = {"eta": "noise of each step: 0 deterministic, 1 as much as DDPM",
-               "sigma": "reverse-step variance: beta (Ho et al.'s choice) or beta_tilde",
-               "order": "1 (first order, as DDIM) or 2 (reuses the previous prediction)"}
+BEST_TEXT_GUIDANCE = 3.0        # for --caption; chapter 12: from w = 2 on, seen captions come out as asked
 OPTIONS = sorted({name for entry in SAMPLERS.values() for name in entry.options})  # each: a flag
-
-
-class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-    """Defaults in the help (not None or False: the help says those), the epilog's lines kept."""
-
-    def _get_help_string(self, action):
-        if action.default is None or action.default is False:
-            return action.help
-        return super()._get_help_string(action)
-
-
-def _ints(text: str) -> tuple[int, ...]:
-    return tuple(int(v) for v in text.split(",") if v.strip())
-
-
-# ----------------------------------------------------------------------------------------
-# Argument types: a bad value is a usage error (exit code 2) that names the flag
-# ----------------------------------------------------------------------------------------
-def _at_least(low, kind=int):
-    what = "an integer" if kind is int else "a number"
-
-    def parse(text: str):
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not {what}") from None
-        if not value >= low:                                    # NaN fails too
-            raise argparse.ArgumentTypeError(f"must be {what} >= {low}, got {value}")
-        return value
-    return parse
-
-
-def _label(text: str):
-    if text == "all" or text.isdigit():
-        return text if text == "all" else int(text)
-    raise argparse.ArgumentTypeError(f"{text!r}: give a class number (0, 1, ...) or 'all'")
-
-
-def _device(text: str) -> torch.device:
-    """A torch device this machine has: cpu, cuda, cuda:1, mps."""
-    bad = argparse.ArgumentTypeError
-    try:
-        device = torch.device(text)
-    except RuntimeError:
-        raise bad(f"{text!r} is not a device; use cpu, cuda, cuda:N or mps") from None
-    if device.type not in ("cpu", "cuda", "mps"):
-        raise bad(f"{text}: ddpm_lib runs on cpu, cuda or mps")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise bad(f"{text}: this machine has no CUDA GPU (torch sees none); use cpu")
-    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
-        raise bad(f"{text}: there are only {torch.cuda.device_count()} CUDA GPUs")
-    if device.type == "mps" and not torch.backends.mps.is_available():
-        raise bad(f"{text}: MPS is not available on this machine; use cpu")
-    return device
-
-
-def _json_object(text: str) -> dict:
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise argparse.ArgumentTypeError(f"not valid JSON ({e}); pass an object such as "
-                                         "'{\"note\": \"first run\"}'") from None
-    if not isinstance(value, dict):
-        raise argparse.ArgumentTypeError(f"must be a JSON object ({{...}}), "
-                                         f"got {type(value).__name__} {text}")
-    return value
-
-
-def _image_path(text: str) -> str:
-    """An image file name save_grid can write, or "" for none."""
-    if text and Path(text).suffix.lower() not in IMAGE_SUFFIXES:
-        raise argparse.ArgumentTypeError(f"{text!r} does not end in an image suffix; use one of "
-                                         f"{', '.join(IMAGE_SUFFIXES)} (or '' for no image)")
-    return text
-
-
-def _npy_path(text: str) -> str:
-    if Path(text).suffix != ".npy":       # numpy would append .npy and write another file
-        raise argparse.ArgumentTypeError(f"{text!r} must end in .npy")
-    return text
-
-
-def _switch(text: str):
-    """auto -> None (on on a GPU), on -> True, off -> False."""
-    return {"auto": None, "on": True, "off": False}[text]
 
 
 def cmd_train(args) -> None:
@@ -231,8 +143,30 @@ def _load_model(weights: str, device):
                             f"of that name; the shipped models are {', '.join(sorted(PRETRAINED))}")
 
 
-def _labelled(model, args, device):
-    """The model function to sample (guided towards --label's classes) and the labels, or None."""
+def _captioned(model, args):
+    """The model function of a text model, guided towards --caption (without: the empty caption)."""
+    if not isinstance(model, TextConditionedUNet):
+        kind = ("class-conditional (it takes a class, not a caption): use --label instead" if model.num_classes
+                else "unconditional (it takes no caption): drop --caption")
+        raise ValueError(f"--caption: {args.weights} is not text-conditioned; it is {kind}, or sample a "
+                         "text-conditioned model (a TextConditionedUNet, chapter 12)")
+    if args.label is not None:
+        raise ValueError(f"--label: {args.weights} is text-conditioned (it reads a caption, not a class "
+                         "number); use --caption instead, e.g. --caption \"a dark trouser\"")
+    if args.caption is None:
+        return model
+    try:
+        tokens = model.tokenize(args.caption)
+    except ValueError as err:               # an unknown word (the vocabulary listed), too many words
+        raise ValueError(f"--caption {args.caption!r}: {err}") from None
+    return guided_text_model(model, tokens, BEST_TEXT_GUIDANCE if args.guidance is None else args.guidance)
+
+
+def _conditioned(model, args, device):
+    """The model function to sample (guided towards --label's classes or --caption) and the labels,
+    or None."""
+    if args.caption is not None or isinstance(model, TextConditionedUNet):
+        return _captioned(model, args), None
     if args.label is None:
         return model, None
     if not (classes := model.num_classes):
@@ -257,7 +191,7 @@ def cmd_sample(args) -> None:
     if vae is None and c not in (1, 3):
         raise ValueError(f"{args.weights} makes {c}-channel samples, not images (1 or 3 channels); "
                          f"only the shipped latent models ({', '.join(LATENT_MODELS)}) are decoded")
-    net, y = _labelled(model, args, device)
+    net, y = _conditioned(model, args, device)
     g = torch.Generator(device).manual_seed(args.seed)
     shape = (args.n if y is None else len(y), c, s, s)
     options = {o: getattr(args, o) for o in OPTIONS if getattr(args, o) is not None}  # main() checked
@@ -285,10 +219,10 @@ EXAMPLES = {  # each sub-command's epilog
   %(prog)s runs/fashion.pt weights.pt
   %(prog)s runs/fashion.pt weights.pt --meta '{"note": "first run"}'""",
     "sample": """examples:
-  %(prog)s --weights fashion_mnist_ddpm --n 16 --sampler dpm_solver
+  %(prog)s --weights runs/weights.pt --n 16 --sampler dpm_solver --npy s.npy
   %(prog)s --weights fashion_mnist_cfg --label all --n 4 --guidance 3
-  %(prog)s --weights fashion_mnist_latent --sampler ddim --out latent.png
-  %(prog)s --weights runs/weights.pt --sampler ddim --steps 100 --npy s.npy"""}
+  %(prog)s --weights fashion_mnist_text --caption "a dark trouser" --guidance 3
+  %(prog)s --weights fashion_mnist_latent --sampler ddim --out latent.png"""}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -362,11 +296,14 @@ def build_parser() -> argparse.ArgumentParser:
                        help=f"{OPTION_HELP.get(name, 'an option of the sampler')} (" + ", ".join(
                            f"{n} default {v}" for n, v in takers.items()) + ")")
     s.add_argument("--label", type=_label, metavar="{K,all}", help="class K of all images, or 'all': --n "
-                   "of each; none: unconditional (conditional models; fashion_mnist_cfg: " + ", ".join(
+                   "of each; none: unconditional (class-conditional models; fashion_mnist_cfg: " + ", ".join(
                        f"{i} {c}" for i, c in enumerate(data.DATASETS["fashion_mnist"].classes)) + ")")
+    s.add_argument("--caption", metavar="TEXT", help="one caption for all --n images, in the model's "
+                   "vocabulary, e.g. \"a dark trouser\"; none: the empty caption (text-conditioned models)")
     s.add_argument("--guidance", type=_at_least(0.0, float), metavar="W", help="classifier-free guidance "
-                   "weight, with --label: 0 unconditional, 1 conditional, above 1 sharper and less varied "
-                   f"(default: {BEST_GUIDANCE:g}, the best FID in chapter 9)")
+                   "weight, with --label or --caption: 0 unconditional, 1 conditional, above 1 sharper and "
+                   f"less varied (default: {BEST_GUIDANCE:g} with --label, the best FID in chapter 9; "
+                   f"{BEST_TEXT_GUIDANCE:g} with --caption)")
     s.add_argument("--seed", type=int, default=0, help="seed of the starting noise and the sampler's noise")
     s.add_argument("--out", type=_image_path, default="samples.png",
                    help=f"image grid ({', '.join(IMAGE_SUFFIXES)}; '' for none)")
@@ -394,8 +331,11 @@ def main(argv=None) -> None:
             add = f"add --sampler {' or '.join(others)}, or " if others else ""
             args.parser.error(f"the {args.sampler} sampler takes no {flags}{why}: {add}leave "
                               f"{'it' if len(given) == 1 else 'them'} out")
-        if args.guidance is not None and args.label is None:
-            args.parser.error("--guidance needs --label: the class to guide towards")
+        if args.caption is not None and args.label is not None:
+            args.parser.error("--caption and --label together: give --caption to a text-conditioned "
+                              "model, --label to a class-conditional one")
+        if args.guidance is not None and args.label is None and args.caption is None:
+            args.parser.error("--guidance needs --label or --caption: the class or caption to guide towards")
     try:
         args.func(args)
     except (ValueError, FileNotFoundError) as err:      # bad input: what was wrong, what to do

@@ -362,3 +362,81 @@ def test_sample_errors_name_what_to_do(tmp_path, capsys):
     save_weights(tiny_unet(in_channels=4), NoiseSchedule.linear(T=10), weights)
     code, out = run_main(capsys, "sample", "--weights", weights, "--sampler", "ddim", "--steps", 2)
     assert code == 2 and "4-channel samples, not images" in out and "Traceback" not in out, out
+
+
+# ----------------------------------------------------------------------------------------
+# Issue #20: sample a text-conditioned model (chapter 12) with --caption and --guidance
+# ----------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def text_weights(tmp_path_factory):
+    """A tiny TextConditionedUNet, untrained, saved as `export` would (any file works)."""
+    from ddpm_lib import NoiseSchedule
+    from ddpm_lib.pretrained import save_weights
+    from ddpm_lib.text import TextConditionedUNet
+    torch.manual_seed(0)
+    model = TextConditionedUNet(base_channels=8, channel_mults=(1, 2), num_res_blocks=1,
+                                attention_resolutions=(), dropout=0.0, text_dim=8, text_layers=1,
+                                text_heads=2, num_heads=2)
+    path = tmp_path_factory.mktemp("text") / "text.pt"
+    save_weights(model, NoiseSchedule.linear(T=10), path)
+    return path
+
+
+def test_sample_a_caption(tmp_path, capsys, text_weights):
+    def images(*extra, n=3):
+        npy = tmp_path / "s.npy"
+        code, out = run_main(capsys, "sample", "--weights", text_weights, "--n", n, "--sampler", "ddim",
+                             "--steps", 2, "--out", "", "--npy", npy, *extra)
+        assert code == 0, out
+        return np.load(npy)
+
+    trouser = images("--caption", "a dark trouser")
+    assert trouser.shape == (3, 28, 28) and trouser.dtype == np.uint8
+    assert np.array_equal(trouser, images("--caption", "a dark trouser"))      # same seed and caption
+    assert not np.array_equal(trouser, images("--caption", "a dark trouser", "--seed", 1))
+    bag = images("--caption", "a small bag")
+    assert not np.array_equal(trouser, bag)
+    assert not np.array_equal(trouser, images("--caption", "a dark trouser", "--guidance", 1))  # default 3
+    # w = 0 is the empty caption's prediction: the caption no longer matters, and no caption is w = 0
+    w0 = images("--caption", "a dark trouser", "--guidance", 0)
+    assert np.array_equal(w0, images("--caption", "a small bag", "--guidance", 0))
+    assert np.array_equal(w0, images())
+    png = tmp_path / "t.png"
+    code, out = run_main(capsys, "sample", "--weights", text_weights, "--n", 4, "--sampler", "ddim",
+                         "--steps", 2, "--out", png, "--caption", "A Dark Trouser", "--guidance", 2)
+    assert code == 0 and f"wrote {png}" in out and png.read_bytes()[:4] == b"\x89PNG", out
+
+
+def test_caption_errors_name_what_to_do(tmp_path, capsys, text_weights):
+    from ddpm_lib import NoiseSchedule
+    from ddpm_lib.pretrained import save_weights
+    fast = ["--sampler", "ddim", "--steps", 2, "--n", 1, "--out", ""]
+    plain, cfg = tmp_path / "plain.pt", tmp_path / "cfg.pt"
+    save_weights(tiny_unet(), NoiseSchedule.linear(T=10), plain)
+    save_weights(tiny_unet(num_classes=10), NoiseSchedule.linear(T=10), cfg)
+    cases = [  # (arguments, what the message must say)
+        (["--weights", plain, "--caption", "a bag"],
+         [f"--caption: {plain} is not text-conditioned", "unconditional", "drop --caption"]),
+        (["--weights", cfg, "--caption", "a bag"],
+         [f"--caption: {cfg} is not text-conditioned", "class-conditional", "use --label instead"]),
+        (["--weights", text_weights, "--label", 1],
+         [f"--label: {text_weights} is text-conditioned", "use --caption instead"]),
+        (["--weights", text_weights, "--label", "all", "--guidance", 2], ["use --caption instead"]),
+        (["--weights", text_weights, "--caption", "a bag", "--label", 8],
+         ["--caption and --label together", "text-conditioned", "class-conditional"]),
+        (["--weights", text_weights, "--caption", "a red bag"],
+         ["--caption 'a red bag': unknown word 'red'", "'dark'", "'trouser'"]),     # the vocabulary
+        (["--weights", text_weights, "--caption", "a small dark bag, a small dark bag"],
+         ["--caption 'a small dark bag, a small dark bag': ", "9 words, more than max_len=8"]),
+        (["--weights", text_weights, "--guidance", 2], ["--guidance needs --label or --caption"]),
+    ]
+    for args, says in cases:
+        code, out = run_main(capsys, "sample", *args, *fast)
+        assert code == 2 and "error: " in out and "Traceback" not in out, out
+        assert all(part in out for part in says), (says, out)
+
+
+def test_the_help_documents_caption():
+    sample_help = " ".join(dict(_parsers())["sample"].format_help().split())
+    assert "--caption TEXT" in sample_help and "one caption for all --n images" in sample_help
+    assert '--caption "a dark trouser" --guidance 3' in sample_help                 # an example
