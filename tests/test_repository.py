@@ -191,10 +191,11 @@ def test_library_source_printed_by_chapters_fits_the_column():
     (Chapter 11 prints a few chosen lines of train(); those are short.)"""
     import inspect
 
+    import ddpm_lib.layers
     import ddpm_lib.runs
     import ddpm_lib.train
     import ddpm_lib.unet
-    modules = [ddpm_lib.unet, ddpm_lib.train, ddpm_lib.runs]
+    modules = [ddpm_lib.unet, ddpm_lib.train, ddpm_lib.runs, ddpm_lib.layers]
     bad = []
     for nb_path in CHAPTERS:
         for cell in json.loads(nb_path.read_text())["cells"]:
