@@ -14,7 +14,7 @@ reverse-SDE and probability-flow ODE samplers, which it adds to ``samplers.SAMPL
 from the command line). Importing the package imports ``sde``, so the sampler registry is
 complete whichever module is imported first.
 """
-__version__ = "0.2.0"
+__version__ = "0.3.0"
 
 from . import sde  # noqa: F401  (registers euler_maruyama, euler, heun and spacing "edm")
 from .schedules import NoiseSchedule  # noqa: F401
