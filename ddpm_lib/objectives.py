@@ -25,6 +25,11 @@ Weighting, per image, of the squared error of the chosen target:
                                                to mean 1 over t; times SNR for x0 and
                                                SNR / (SNR + 1) for v
 
+On a zero-terminal-SNR schedule (Lin et al. 2024; ``NoiseSchedule.linear(zero_terminal_snr=True)``)
+x_{T-1} = eps is pure noise: an eps target there says nothing about x0, and the samplers could
+not recover x0 from its prediction, so ``"eps"`` is refused (:func:`check_schedule`); the x0 and
+v weights stay finite at SNR = 0 (min-SNR: 0; ELBO: the limit SNR_{T-2} / 2, scaled).
+
 Taught in chapter 5, "Algorithm 1, line by line" (:func:`loss_simple`), and in the chapter
 on flow matching.
 """
@@ -56,6 +61,15 @@ def check(prediction: str, weighting: str = "uniform", snr_gamma: float = 5.0) -
         raise ValueError(f"snr_gamma must be positive, got {snr_gamma}")
 
 
+def check_schedule(schedule, prediction: str) -> None:
+    """Raise ValueError for an eps target on a zero-terminal-SNR schedule (see the module docstring)."""
+    if prediction == "eps" and getattr(schedule, "zero_terminal_snr", False):
+        raise ValueError(f"the schedule ends in pure noise (zero terminal SNR: alpha_bar = 0 at t = "
+                         f"{schedule.T - 1}), where x_t = eps: an eps target there teaches nothing about "
+                         "x0, and no sampler could get x0 from it; train with prediction='v' (Lin et al. "
+                         "2024) or 'x0'")
+
+
 def flow_time(t: Tensor, T: int) -> Tensor:
     """s = (t + 1) / T in (0, 1] for integer timesteps t in 0..T-1, shape like t: the
     straight path's time (s = 1 is pure noise, as t = T - 1 nearly is)."""
@@ -84,12 +98,27 @@ def elbo_eps_weights(schedule) -> Tensor:
     beta_tilde is 0 (that term is the decoder's), and sigma^2 = beta_1 is used there, as Ho
     et al. (2020) do for L_0, which gives kappa = 1 / (2 alpha_1). Equal to
     (SNR_{t-1} - SNR_t) / (2 SNR_t) for the others. The scale (1 / the mean of kappa) only
-    rescales the learning rate; it keeps the average weight of L_simple."""
+    rescales the learning rate; it keeps the average weight of L_simple. On a zero-terminal-SNR
+    schedule kappa_{T-1} is infinite (alpha_{T-1} = 0) and the mean is over the other steps."""
+    return _elbo_kappas(schedule)[0]
+
+
+def elbo_x0_weights(schedule) -> Tensor:
+    """kappa_t SNR_t, the ELBO's weight on the x0-MSE (||eps - eps_theta||^2 = SNR ||x0 -
+    x0_theta||^2), float64 (T,), on the scale of :func:`elbo_eps_weights`. Computed as
+    beta^2 alpha_bar_prev / (2 sigma^2 (1 - alpha_bar)^2) (alpha_bar = alpha alpha_bar_prev): finite
+    at alpha_bar = 0 too, where kappa = inf and SNR = 0 (zero terminal SNR): SNR_{T-2} / 2, scaled."""
+    return _elbo_kappas(schedule)[1]
+
+
+def _elbo_kappas(schedule) -> tuple[Tensor, Tensor]:
     beta, alpha_bar = schedule.float64("betas"), schedule.float64("alpha_bars")
     sigma2 = schedule.float64("beta_tilde").clone()
     sigma2[0] = beta[0]
     kappa = elbo_weight(beta, alpha_bar, sigma2)
-    return kappa / kappa.mean()
+    kappa_x0 = beta**2 * schedule.float64("alpha_bars_prev") / (2.0 * sigma2 * (1.0 - alpha_bar) ** 2)
+    scale = kappa[torch.isfinite(kappa)].mean()
+    return kappa / scale, kappa_x0 / scale
 
 
 def loss_weights(schedule, t: Tensor, prediction: str = "eps", weighting: str = "uniform",
@@ -97,11 +126,16 @@ def loss_weights(schedule, t: Tensor, prediction: str = "eps", weighting: str = 
     """Per-image weights (B,) for the squared error of ``prediction`` at timesteps ``t``;
     None for uniform weights; ``"elbo"``: :func:`elbo_eps_weights`, converted. min-SNR-gamma (Hang et al. 2023) weights the x0-error by
     min(SNR, gamma); for eps, whose error is SNR times smaller, that is min(SNR, gamma) / SNR,
-    and for v, min(SNR, gamma) / (SNR + 1)."""
+    and for v, min(SNR, gamma) / (SNR + 1). At SNR = 0 (zero terminal SNR) x0 and v get 0
+    from min-SNR and :func:`elbo_x0_weights` from the ELBO; eps is refused (:func:`check_schedule`)."""
     if weighting == "uniform":
         return None
+    check_schedule(schedule, prediction)
     snr = schedule.snr[t.to(schedule.device)]
     if weighting == "elbo":
+        if getattr(schedule, "zero_terminal_snr", False):     # kappa SNR = inf * 0 at T-1: its limit
+            w_x0 = elbo_x0_weights(schedule).to(schedule.device, torch.float32)[t.to(schedule.device)]
+            return {"x0": w_x0, "v": w_x0 / (snr + 1.0)}[prediction]
         w_eps = elbo_eps_weights(schedule).to(schedule.device, torch.float32)[t.to(schedule.device)]
         return {"eps": w_eps, "x0": w_eps * snr, "v": w_eps * snr / (snr + 1.0)}[prediction]
     clamped = snr.clamp(max=snr_gamma)
@@ -136,6 +170,7 @@ def diffusion_loss(model, schedule, x0: Tensor, t: Tensor, eps: Tensor, y: Tenso
         raise ValueError("eps (the noise added to x0) must be a tensor shaped like x0, "
                          f"got {type(eps).__name__}")
     check(prediction, weighting, snr_gamma)
+    check_schedule(schedule, prediction)
     x_t, target = noisy_and_target(schedule, x0, t, eps, prediction)
     out = _predict(model, x_t, t, y, target, prediction)
     per_image = F.mse_loss(out.float(), target.float(), reduction="none").flatten(1).mean(1)

@@ -32,6 +32,7 @@ from tqdm.auto import tqdm
 
 from .checks import integer, integers, real
 from .guidance import guided_model  # noqa: F401  (imported from here by the chapters)
+from .schedules import _check_steps, _from_pure_noise, ddim_timesteps, logsnr_timesteps  # noqa: F401
 
 Tensor = torch.Tensor
 
@@ -70,47 +71,8 @@ class StepOutput:
 
 
 # ----------------------------------------------------------------------------------------
-# Timestep grids
+# Timestep grids (the grid functions, read from the schedule, live in ddpm_lib.schedules)
 # ----------------------------------------------------------------------------------------
-def ddim_timesteps(T: int, steps: int) -> list[int]:
-    """``steps`` timesteps evenly spread over 0 .. T-1, from T-1 down to 0 (both included).
-    Taught in chapter 8, section "The timestep subsequence and the last step"."""
-    steps = _check_steps(steps, T)
-    if steps == 1:
-        return [T - 1]
-    ts = torch.linspace(0, T - 1, steps, dtype=torch.float64).round().long().tolist()
-    return sorted(set(ts), reverse=True)
-
-
-def logsnr_timesteps(schedule, steps: int) -> list[int]:
-    """``steps`` timesteps from T-1 down to 0 spaced evenly in lambda = log(a_t / b_t)
-    (half the log-SNR) instead of in t, each rounded to the nearest discrete timestep.
-
-    The spacing Lu et al. (2022) recommend for small images: the 2M weights depend on the
-    ratio r of consecutive steps in lambda, and on the even-in-t grid lambda jumps near t = 0
-    (r ~ 0.2 at 10 steps, linear schedule), where 2M then overshoots (data N(0.3, 0.5^2), exact
-    eps, 10 steps: std 0.69 on the t-grid, 0.516 on this one). Where rounding would merge
-    neighbours they are pushed apart to the next free timestep, so the list holds exactly
-    ``steps`` distinct timesteps, descending, from T-1 to 0. Taught in chapter 8, section
-    "Spacing the timesteps: evenly in t or in log-SNR".
-    """
-    T = schedule.T
-    steps = _check_steps(steps, T)
-    if steps == 1:
-        return [T - 1]
-    alpha_bar = schedule.float64("alpha_bars")
-    lam = 0.5 * (torch.log(alpha_bar) - torch.log1p(-alpha_bar))   # (T,), decreasing in t
-    targets = torch.linspace(float(lam[-1]), float(lam[0]), steps, dtype=torch.float64)
-    ts = (lam[None, :] - targets[:, None]).abs().argmin(dim=1).tolist()   # T-1 ... 0, non-increasing
-    for i in range(steps - 2, -1, -1):            # strictly decreasing: push merged ones up ...
-        ts[i] = max(ts[i], ts[i + 1] + 1)
-    if ts[0] > T - 1:                             # ... and, if that overshot T-1, back down
-        ts[0] = T - 1
-        for i in range(1, steps):
-            ts[i] = min(ts[i], ts[i - 1] - 1)
-    return ts
-
-
 # spacing name -> (schedule, steps) -> timesteps
 SPACINGS = {"time": lambda schedule, steps: ddim_timesteps(schedule.T, steps),
             "logsnr": logsnr_timesteps}
@@ -121,7 +83,9 @@ def resolve_timesteps(schedule, steps: int | None = None, spacing: str = "time",
     """The grid a sampler visits, descending from T-1: ``timesteps`` as given (integers,
     strictly decreasing, within 0..T-1), or ``steps`` of them (default: all T) spaced as
     ``spacing`` says: ``"time"`` (:func:`ddim_timesteps`) or ``"logsnr"``
-    (:func:`logsnr_timesteps`). Give ``steps`` or ``timesteps``, not both.
+    (:func:`logsnr_timesteps`). Give ``steps`` or ``timesteps``, not both. On a zero-terminal-SNR
+    schedule every spacing but ``"time"`` goes through :func:`_from_pure_noise`: each grid starts
+    at T-1, where x_T ~ N(0, I) is exact (Lin et al. 2024's "trailing" requirement).
     Taught in chapter 8, sections "The timestep subsequence and the last step" and
     "Spacing the timesteps: evenly in t or in log-SNR".
     """
@@ -129,7 +93,10 @@ def resolve_timesteps(schedule, steps: int | None = None, spacing: str = "time",
         raise ValueError(f"spacing must be one of {', '.join(map(repr, SPACINGS))}, got {spacing!r}")
     T = schedule.T
     if timesteps is None:
-        return SPACINGS[spacing](schedule, T if steps is None else steps)
+        steps = T if steps is None else steps
+        if spacing != "time" and getattr(schedule, "zero_terminal_snr", False):
+            return _from_pure_noise(SPACINGS[spacing], schedule, steps)
+        return SPACINGS[spacing](schedule, steps)
     if steps is not None:
         raise ValueError("give steps (a number of timesteps) or timesteps (the list), not both")
     timesteps = list(integers("timesteps", timesteps))
@@ -137,13 +104,6 @@ def resolve_timesteps(schedule, steps: int | None = None, spacing: str = "time",
             or timesteps[0] > T - 1 or timesteps[-1] < 0:
         raise ValueError(f"timesteps must be strictly decreasing within 0..{T - 1}")
     return timesteps
-
-
-def _check_steps(steps, T: int) -> int:
-    steps = integer("steps", steps, minimum=1)
-    if steps > T:
-        raise ValueError(f"steps must be an integer in 1..{T} (the schedule's T), got {steps!r}")
-    return steps
 
 
 # ----------------------------------------------------------------------------------------
@@ -162,13 +122,16 @@ def ddpm_step(schedule, x_t, t, t_prev, eps, x0_hat, *, state, denoise=None, gen
 
     with ``sigma_t^2 = beta_t`` (``sigma="beta"``) or ``beta_tilde_t`` (``sigma="beta_tilde"``)
     and no noise on the last step. ``alpha_t = alpha_bar_t / alpha_bar_prev``, so on a grid
-    that skips timesteps this is the step of the merged (respaced) process.
+    that skips timesteps this is the step of the merged (respaced) process. At alpha_bar_t = 0
+    (zero terminal SNR) alpha_t = 0 and this mean divides 0 by 0; it is then the posterior
+    mean (eq. 7) at alpha = 0, sqrt(alpha_bar_prev) x0_hat: x_t, pure noise, plays no part.
     Taught in chapter 6, sections "Algorithm 2, line by line" and "Which noise to add".
     """
     alpha_bar, alpha_bar_prev = _alpha_bar(schedule, t), _alpha_bar(schedule, t_prev)
     alpha = alpha_bar / alpha_bar_prev
     beta = 1.0 - alpha
-    mean = (x_t - beta / math.sqrt(1.0 - alpha_bar) * eps) / math.sqrt(alpha)
+    mean = ((x_t - beta / math.sqrt(1.0 - alpha_bar) * eps) / math.sqrt(alpha) if alpha > 0
+            else math.sqrt(alpha_bar_prev) * x0_hat)
     if t_prev < 0:                       # the last step returns the mean: no noise
         return StepOutput(mean, x0_hat)
     variance = beta if sigma == "beta" else (1.0 - alpha_bar_prev) / (1.0 - alpha_bar) * beta
@@ -185,11 +148,13 @@ def ddim_step(schedule, x_t, t, t_prev, eps, x0_hat, *, state, denoise=None, gen
 
     alpha_bar_prev is 1 after the last timestep, so the last step returns x0_hat and adds no
     noise. ``eta=0`` is deterministic; ``eta=1`` over every timestep is DDPM with
-    sigma^2 = beta_tilde. Taught in chapter 8, sections "From the process to a sampler" and
-    "$\\eta$: from deterministic to DDPM".
+    sigma^2 = beta_tilde. At alpha_bar = 0 (zero terminal SNR) nothing changes: eps = x_t there.
+    Taught in chapter 8, sections "From the process to a sampler" and "$\\eta$: from
+    deterministic to DDPM".
     """
     alpha_bar, alpha_bar_prev = _alpha_bar(schedule, t), _alpha_bar(schedule, t_prev)
-    sigma = eta * math.sqrt((1 - alpha_bar_prev) / (1 - alpha_bar) * (1 - alpha_bar / alpha_bar_prev))
+    sigma = eta * math.sqrt((1 - alpha_bar_prev) / (1 - alpha_bar) * (1 - alpha_bar / alpha_bar_prev)) \
+        if eta > 0 else 0.0                  # (eta = 0: no 0 / 0 when DDIM inversion reaches alpha_bar = 0)
     x = math.sqrt(alpha_bar_prev) * x0_hat + math.sqrt(max(1 - alpha_bar_prev - sigma**2, 0.0)) * eps
     if sigma > 0:
         x = x + sigma * torch.randn(x.shape, generator=generator, device=x.device)
@@ -211,6 +176,11 @@ def dpm_solver_2m_step(schedule, x_t, t, t_prev, eps, x0_hat, *, state, denoise=
     keeps its x0_hat and lambda), so each step costs one network call. The first step has no
     step before and is first order; the last (timestep 0 to clean data: b = 0, lambda = +inf,
     exp(-h) = 0) returns x0_hat, as DDIM does. ``order=1`` is DDIM with eta = 0. No noise.
+
+    From pure noise (zero terminal SNR: alpha_bar_t = 0, a = 0, b = 1, lambda_t = -inf): h = inf,
+    exp(-h) = 0, and the step is x_{t_prev} = b_{t_prev} x_t + a_{t_prev} x0_hat, first order
+    (DDIM's, with eps = x_t); the next step's r = h_last / h is inf, so its 1/(2r) = 0 and it is
+    first order too (the slope of x0_hat from lambda = -inf is 0).
     Taught in chapter 8, section "DPM-Solver++: solving the ODE with higher order".
     """
     if t_prev < 0:                       # timestep 0 -> clean data: b = 0, exp(-h) = 0
@@ -218,7 +188,7 @@ def dpm_solver_2m_step(schedule, x_t, t, t_prev, eps, x0_hat, *, state, denoise=
     alpha_bar, alpha_bar_prev = _alpha_bar(schedule, t), _alpha_bar(schedule, t_prev)
     a, b = math.sqrt(alpha_bar), math.sqrt(1.0 - alpha_bar)
     a_prev, b_prev = math.sqrt(alpha_bar_prev), math.sqrt(1.0 - alpha_bar_prev)
-    lam, lam_prev = math.log(a / b), math.log(a_prev / b_prev)
+    lam, lam_prev = (math.log(a / b) if a > 0 else -math.inf), math.log(a_prev / b_prev)
     h = lam_prev - lam
     if order == 1 or "x0_last" not in state:
         x0_2m = x0_hat
@@ -240,6 +210,9 @@ class Sampler:
     (None: every timestep, and the CLI takes no ``--steps``) and ``spacing`` the default
     grid (a key of :data:`SPACINGS`); ``options`` are the step's keyword options with their
     defaults, and ``check`` (if any) validates them once, before the loop, returning them cleaned.
+    ``zero_snr``: True when ``step`` can start from alpha_bar = 0 (zero terminal SNR); for
+    the others :func:`sample` takes that first step with :func:`ddim_step` (eta = 0, the limit
+    of a first-order ODE step from lambda = -inf), then hands over to ``step``.
     Taught in chapter 8, section "A zoo of solvers".
     """
     step: Callable[..., StepOutput]
@@ -248,6 +221,7 @@ class Sampler:
     spacing: str = "time"
     options: Mapping = field(default_factory=dict)
     check: Callable[[dict], dict] | None = None
+    zero_snr: bool = False
 
 
 def _check_sigma(o: dict) -> dict:
@@ -269,9 +243,10 @@ def _check_order(o: dict) -> dict:
 
 
 SAMPLERS: dict[str, Sampler] = {
-    "ddpm": Sampler(ddpm_step, "DDPM", None, "time", {"sigma": "beta"}, _check_sigma),
-    "ddim": Sampler(ddim_step, "DDIM", 50, "time", {"eta": 0.0}, _check_eta),
-    "dpm_solver": Sampler(dpm_solver_2m_step, "DPM-Solver++(2M)", 20, "logsnr", {"order": 2}, _check_order),
+    "ddpm": Sampler(ddpm_step, "DDPM", None, "time", {"sigma": "beta"}, _check_sigma, zero_snr=True),
+    "ddim": Sampler(ddim_step, "DDIM", 50, "time", {"eta": 0.0}, _check_eta, zero_snr=True),
+    "dpm_solver": Sampler(dpm_solver_2m_step, "DPM-Solver++(2M)", 20, "logsnr", {"order": 2}, _check_order,
+                          zero_snr=True),
 }
 
 
@@ -334,7 +309,8 @@ def sample(model, schedule, shape, *, sampler: str | Sampler = "ddpm", steps: in
     returns (``"eps"``, ``"x0"`` or ``"v"``), converted with the schedule's conversions;
     ``clip_x0`` clips x0_hat to [-1, 1] and re-derives eps (``False`` for data not in [-1, 1],
     e.g. latents). ``generator`` draws ``x_T`` when it is not given, then the steps' noise.
-    ``trajectory``: a new :class:`Trajectory` to record x_t and x0_hat at each call.
+    ``trajectory``: a new :class:`Trajectory` to record x_t and x0_hat at each call. On a
+    zero-terminal-SNR schedule (Lin et al. 2024) a grid that starts at T-1 needs ``"v"`` or ``"x0"``.
     Taught in chapter 8, section "A zoo of solvers" (the loop chapter 6 writes by hand in "The
     loop by hand", with the update factored out into step functions).
     """
@@ -355,6 +331,12 @@ def sample(model, schedule, shape, *, sampler: str | Sampler = "ddpm", steps: in
     if steps is None and timesteps is None:
         steps = entry.steps
     timesteps = resolve_timesteps(schedule, steps, spacing or entry.spacing, timesteps)
+    pure_noise = getattr(schedule, "zero_terminal_snr", False) and timesteps[0] == schedule.T - 1
+    if pure_noise and prediction == "eps":
+        raise ValueError(f"the schedule ends in pure noise (zero terminal SNR: alpha_bar = 0 at t = "
+                         f"{schedule.T - 1}, where the grid starts) and there x_t = eps: an eps-prediction "
+                         "gives no x0 ((x_t - eps) / sqrt(alpha_bar) is 0 / 0); use a model trained with "
+                         "prediction='v' (x0 = -v there, Lin et al. 2024) or 'x0'")
     state = {}
 
     def denoise(x_at: Tensor, t_at: int) -> tuple[Tensor, Tensor]:     # one network call
@@ -364,8 +346,11 @@ def sample(model, schedule, shape, *, sampler: str | Sampler = "ddpm", steps: in
     for i, t in enumerate(tqdm(timesteps, desc=entry.label, disable=not progress)):
         t_prev = timesteps[i + 1] if i + 1 < len(timesteps) else -1
         eps, x0 = denoise(x, t)
-        out = entry.step(schedule, x, t, t_prev, eps, x0, state=state, denoise=denoise,
-                         generator=generator, **options)
+        if i == 0 and pure_noise and not entry.zero_snr:      # see Sampler.zero_snr
+            out = ddim_step(schedule, x, t, t_prev, eps, x0, state=state)
+        else:
+            out = entry.step(schedule, x, t, t_prev, eps, x0, state=state, denoise=denoise,
+                             generator=generator, **options)
         if trajectory is not None:
             trajectory.add(t, x, out.x0_hat)
         x = out.x_prev

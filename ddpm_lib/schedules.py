@@ -5,7 +5,8 @@ step ``t + 1`` (Ho et al. 2020 count ``1 .. T``). So ``alpha_bars[0] = 1 - betas
 one step of noise, ``alpha_bars[T-1]`` is the last, and ``alpha_bars_prev[0] = 1`` (no
 noise before the first step). Every function in ``ddpm_lib`` uses this convention.
 
-All tensors are computed in float64 and stored in float32.
+All tensors are computed in float64 and stored in float32. The timestep grids the samplers
+visit, read from a schedule (:func:`ddim_timesteps`, :func:`logsnr_timesteps`), end the module.
 """
 from __future__ import annotations
 
@@ -52,6 +53,28 @@ def cosine_betas(T: int = 1000, s: float = 0.008, max_beta: float = 0.999) -> Te
     return betas.clamp(max=max_beta)
 
 
+def rescale_zero_terminal_snr(betas) -> Tensor:
+    r"""``betas`` rescaled to zero terminal SNR (Lin et al. 2024, Algorithm 1): sqrt(alpha_bar)
+    shifted and scaled so that its last value is 0 and its first is unchanged::
+
+        sqrt(alpha_bar'_t) = (sqrt(alpha_bar_t) - sqrt(alpha_bar_{T-1}))
+                             * sqrt(alpha_bar_0) / (sqrt(alpha_bar_0) - sqrt(alpha_bar_{T-1}))
+
+    then the betas back from the ratios, beta'_t = 1 - alpha_bar'_t / alpha_bar'_{t-1}, so
+    beta'_0 = beta_0 and the last beta' is 1: x_{T-1} is pure noise, the N(0, I) the samplers
+    start from (the linear schedule keeps sqrt(alpha_bar_{T-1}) = 0.0064 of the image there,
+    which a network learns to read). Sample with ``prediction="v"`` from t = T-1: at
+    alpha_bar = 0 an eps-prediction gives no x0, v gives x0 = -v. Shape (T,), float64, T >= 2.
+    """
+    betas = torch.as_tensor(betas, dtype=torch.float64)
+    if betas.ndim != 1 or betas.numel() < 2 or not ((betas > 0) & (betas < 1)).all():
+        raise ValueError("rescale_zero_terminal_snr needs a 1-D sequence of at least 2 betas in (0, 1)")
+    root = torch.cumprod(1.0 - betas, dim=0).sqrt()                  # sqrt(alpha_bar)
+    root = (root - root[-1]) / (root[0] - root[-1]) * root[0]         # last 0, first kept
+    alpha_bar = root**2
+    return 1.0 - torch.cat([alpha_bar[:1], alpha_bar[1:] / alpha_bar[:-1]])
+
+
 def _check_T(T) -> int:
     return integer("T (the number of diffusion steps)", T, minimum=1)
 
@@ -64,7 +87,9 @@ def _check_representable(betas: Tensor, alphas: Tensor, alpha_bars: Tensor) -> N
       ``1 - alpha_bar = 0``, and beta_tilde (0 / 0), the SNR and the eps/x0 conversions
       divide by it: NaN and inf.
     * ``alpha_bar`` must stay above 0 in float32 (the samplers use the float32 copy): past
-      that the signal is gone and x0 = x_t / sqrt(alpha_bar) divides by 0.
+      that the signal is gone and x0 = x_t / sqrt(alpha_bar) divides by 0. The one exception
+      is a last beta of exactly 1 (zero terminal SNR, :func:`rescale_zero_terminal_snr`):
+      alpha_bar_{T-1} = 0 on purpose, and the step before it must stay above 0.
     """
     vanished = (alphas == 1.0).nonzero().flatten()
     if len(vanished):
@@ -73,11 +98,14 @@ def _check_representable(betas: Tensor, alphas: Tensor, alpha_bars: Tensor) -> N
                          "1 - beta rounds to 1 (betas below about 5.6e-17 vanish), so the step adds "
                          "no noise and 1 - alpha_bar is 0 (beta_tilde and the SNR would be NaN or "
                          "inf); use betas >= 1e-12")
-    if alpha_bars[-1].float() == 0:
-        raise ValueError(f"alpha_bar at the last step is {alpha_bars[-1].item():.3g}, 0 in float32: "
+    t = len(betas) - 1 - bool(betas[-1] == 1)          # the last step, or the one before a beta of 1
+    if t >= 0 and alpha_bars[t].float() == 0:
+        where = "the last step" if t == len(betas) - 1 else f"step t={t}, before the last (beta = 1),"
+        raise ValueError(f"alpha_bar at {where} is {alpha_bars[t].item():.3g}, 0 in float32: "
                          "no signal is left long before the end and the samplers would divide by "
                          "sqrt(alpha_bar) = 0; use fewer steps T or smaller betas (alpha_bar_T of "
-                         "1e-5 to 1e-3 is usual)")
+                         "1e-5 to 1e-3 is usual), or for a schedule that ends in pure noise on "
+                         "purpose, rescale_zero_terminal_snr(betas)")
 
 
 class NoiseSchedule:
@@ -91,7 +119,9 @@ class NoiseSchedule:
     * ``alpha_bars_prev``: the same up to t - 1, with ``alpha_bars_prev[0] = 1``
     * ``beta_tilde``: variance of the posterior q(x_{t-1} | x_t, x_0)
 
-    Build one with :meth:`linear`, :meth:`cosine` or from your own betas.
+    and ``zero_terminal_snr``: True when the last beta is 1, so alpha_bar_{T-1} = 0 (Lin et al.
+    2024; ``zero_terminal_snr=True`` in :meth:`linear` and :meth:`cosine`). Every beta lies in
+    (0, 1) but that last one. Build one with :meth:`linear`, :meth:`cosine` or from your own betas.
     """
 
     def __init__(self, betas: Tensor, device: torch.device | str | None = None):
@@ -104,10 +134,12 @@ class NoiseSchedule:
             raise ValueError(f"betas must be a non-empty 1-D sequence, got shape {tuple(betas.shape)}")
         if not torch.isfinite(betas).all():
             raise ValueError("betas contain NaN or infinite values")
-        if not ((betas > 0) & (betas < 1)).all():
-            bad = betas[(betas <= 0) | (betas >= 1)]
-            raise ValueError(f"every beta must lie strictly between 0 and 1; found {bad[:5].tolist()}")
-        self.T = betas.numel()
+        outside = (betas <= 0) | (betas >= 1)
+        outside[-1] = not 0 < betas[-1] <= 1      # a last beta of 1: zero terminal SNR
+        if outside.any():
+            raise ValueError("every beta must lie strictly between 0 and 1 (the last may be 1: zero "
+                             f"terminal SNR); found {betas[outside][:5].tolist()}")
+        self.T, self.zero_terminal_snr = betas.numel(), bool(betas[-1] == 1)
         alphas = 1.0 - betas
         alpha_bars = torch.cumprod(alphas, dim=0)
         _check_representable(betas, alphas, alpha_bars)
@@ -124,14 +156,19 @@ class NoiseSchedule:
 
     # -- constructors --------------------------------------------------------------------
     @classmethod
-    def linear(cls, T: int = 1000, beta_start: float = 1e-4, beta_end: float = 0.02, device=None):
-        """The schedule of Ho et al. (2020): betas linear from 1e-4 to 0.02 over T = 1000 steps."""
-        return cls(linear_betas(T, beta_start, beta_end), device)
+    def linear(cls, T: int = 1000, beta_start: float = 1e-4, beta_end: float = 0.02, device=None, *,
+               zero_terminal_snr: bool = False):
+        """The schedule of Ho et al. (2020): betas linear from 1e-4 to 0.02 over T = 1000 steps;
+        ``zero_terminal_snr=True``: rescaled by :func:`rescale_zero_terminal_snr` (Lin et al. 2024)."""
+        betas = linear_betas(T, beta_start, beta_end)
+        return cls(rescale_zero_terminal_snr(betas) if zero_terminal_snr else betas, device)
 
     @classmethod
-    def cosine(cls, T: int = 1000, s: float = 0.008, max_beta: float = 0.999, device=None):
-        """The cosine schedule of Nichol & Dhariwal (2021)."""
-        return cls(cosine_betas(T, s, max_beta), device)
+    def cosine(cls, T: int = 1000, s: float = 0.008, max_beta: float = 0.999, device=None, *,
+               zero_terminal_snr: bool = False):
+        """The cosine schedule of Nichol & Dhariwal (2021); ``zero_terminal_snr`` as in :meth:`linear`."""
+        betas = cosine_betas(T, s, max_beta)
+        return cls(rescale_zero_terminal_snr(betas) if zero_terminal_snr else betas, device)
 
     def to(self, device) -> "NoiseSchedule":
         """The same schedule with its tensors on ``device``."""
@@ -160,7 +197,8 @@ class NoiseSchedule:
 
     @property
     def log_snr(self) -> Tensor:
-        """Natural log of the signal-to-noise ratio. Shape (T,)."""
+        """Natural log of the signal-to-noise ratio. Shape (T,); -inf at the last step of a
+        zero-terminal-SNR schedule (SNR = 0 there)."""
         a = self._float64["alpha_bars"]
         return (torch.log(a) - torch.log1p(-a)).to(self.device, torch.float32)
 
@@ -251,9 +289,18 @@ class NoiseSchedule:
         return diffusion.q_step(x_prev, self.at("betas", t, x_prev), noise).to(x_prev.dtype)
 
     # -- conversions between eps, x0 and v -----------------------------------------------
+    def _check_eps_gives_x0(self, what: str, t, x_t: Tensor) -> None:
+        """Refuse an eps-formula at alpha_bar = 0 (the last step of a zero-terminal-SNR schedule)."""
+        if self.zero_terminal_snr and check_values() and (self.check_t(t, x_t.shape[0]) == self.T - 1).any():
+            raise ValueError(f"{what} at t={self.T - 1}, where alpha_bar = 0 (zero terminal SNR): there "
+                             "x_t = eps is pure noise and eps says nothing about x0 ((x_t - eps) / "
+                             "sqrt(alpha_bar) is 0 / 0); predict v instead, prediction='v' (x0 = -v there)")
+
     def predict_x0(self, x_t: Tensor, t, eps: Tensor) -> Tensor:
-        """x0 implied by x_t and the noise eps (inverts :meth:`q_sample`)."""
+        """x0 implied by x_t and the noise eps (inverts :meth:`q_sample`); refused at
+        alpha_bar = 0 (zero terminal SNR), where eps says nothing about x0."""
         self._check_same_shape(x_t=x_t, eps=eps)
+        self._check_eps_gives_x0("x0 from eps", t, x_t)
         return diffusion.x0_from_eps(x_t, self.at("alpha_bars", t, x_t), eps).to(x_t.dtype)
 
     def predict_eps(self, x_t: Tensor, t, x0: Tensor) -> Tensor:
@@ -289,7 +336,71 @@ class NoiseSchedule:
         return mean.to(x_t.dtype), self.at(self.beta_tilde, t, x_t)
 
     def reverse_mean(self, x_t: Tensor, t, eps: Tensor) -> Tensor:
-        """Mean of p_theta(x_{t-1} | x_t) from a predicted eps (Ho et al. 2020, eq. 11)."""
+        """Mean of p_theta(x_{t-1} | x_t) from a predicted eps (Ho et al. 2020, eq. 11); refused
+        at alpha_bar = 0, as :meth:`predict_x0` is (eq. 11 divides by sqrt(alpha_{T-1}) = 0)."""
         self._check_same_shape(x_t=x_t, eps=eps)
+        self._check_eps_gives_x0("the reverse mean from eps", t, x_t)
         mean = diffusion.reverse_mean_from_eps(x_t, eps, self.at("betas", t, x_t), self.at("alpha_bars", t, x_t))
         return mean.to(x_t.dtype)
+
+
+# ----------------------------------------------------------------------------------------
+# Timestep grids: which timesteps a sampler visits (ddpm_lib.samplers.SPACINGS names them)
+# ----------------------------------------------------------------------------------------
+def ddim_timesteps(T: int, steps: int) -> list[int]:
+    """``steps`` timesteps evenly spread over 0 .. T-1, from T-1 down to 0 (both included).
+    Taught in chapter 8, section "The timestep subsequence and the last step"."""
+    steps = _check_steps(steps, T)
+    if steps == 1:
+        return [T - 1]
+    ts = torch.linspace(0, T - 1, steps, dtype=torch.float64).round().long().tolist()
+    return sorted(set(ts), reverse=True)
+
+
+def logsnr_timesteps(schedule, steps: int) -> list[int]:
+    """``steps`` timesteps from T-1 down to 0 spaced evenly in lambda = log(a_t / b_t)
+    (half the log-SNR) instead of in t, each rounded to the nearest discrete timestep.
+
+    The spacing Lu et al. (2022) recommend for small images: the 2M weights depend on the
+    ratio r of consecutive steps in lambda, and on the even-in-t grid lambda jumps near t = 0
+    (r ~ 0.2 at 10 steps, linear schedule), where 2M then overshoots (data N(0.3, 0.5^2), exact
+    eps, 10 steps: std 0.69 on the t-grid, 0.516 on this one). Where rounding would merge
+    neighbours they are pushed apart to the next free timestep, so the list holds exactly
+    ``steps`` distinct timesteps, descending, from T-1 to 0. On a zero-terminal-SNR schedule
+    (lambda_{T-1} = -inf): :func:`_from_pure_noise`. Taught in chapter 8, section "Spacing the
+    timesteps: evenly in t or in log-SNR".
+    """
+    T = schedule.T
+    steps = _check_steps(steps, T)
+    if getattr(schedule, "zero_terminal_snr", False):
+        return _from_pure_noise(logsnr_timesteps, schedule, steps)
+    if steps == 1:
+        return [T - 1]
+    alpha_bar = schedule.float64("alpha_bars")
+    lam = 0.5 * (torch.log(alpha_bar) - torch.log1p(-alpha_bar))   # (T,), decreasing in t
+    targets = torch.linspace(float(lam[-1]), float(lam[0]), steps, dtype=torch.float64)
+    ts = (lam[None, :] - targets[:, None]).abs().argmin(dim=1).tolist()   # T-1 ... 0, non-increasing
+    for i in range(steps - 2, -1, -1):            # strictly decreasing: push merged ones up ...
+        ts[i] = max(ts[i], ts[i + 1] + 1)
+    if ts[0] > T - 1:                             # ... and, if that overshot T-1, back down
+        ts[0] = T - 1
+        for i in range(1, steps):
+            ts[i] = min(ts[i], ts[i - 1] - 1)
+    return ts
+
+
+def _from_pure_noise(spacing, schedule, steps: int) -> list[int]:
+    """A grid of ``spacing``, a spacing that reads alpha_bar, on a zero-terminal-SNR schedule,
+    where log-SNR and sigma are infinite at T-1: ``steps`` timesteps spaced over the first T-1
+    steps of the schedule, the first of them (T-2) moved up to T-1, where sampling starts."""
+    T, steps = schedule.T, _check_steps(steps, schedule.T)
+    if steps == T:
+        return list(range(T - 1, -1, -1))
+    return [T - 1] + spacing(NoiseSchedule(schedule.float64("betas")[:-1]), steps)[1:]
+
+
+def _check_steps(steps, T: int) -> int:
+    steps = integer("steps", steps, minimum=1)
+    if steps > T:
+        raise ValueError(f"steps must be an integer in 1..{T} (the schedule's T), got {steps!r}")
+    return steps

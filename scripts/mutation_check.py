@@ -191,6 +191,19 @@ MUTATIONS = [
      "excess = ((velocity - chord) ** 2).sum(-1)", "excess = (velocity**2).sum(-1)"),
     ("chord distance: to the line, not the segment", "ddpm_lib/flow.py",
      "nearest = z[0] + u.clamp(0, 1)[..., None] * chord", "nearest = z[0] + u[..., None] * chord"),
+    ("zero terminal SNR: sqrt(alpha_bar) shifted by half its last value", "ddpm_lib/schedules.py",
+     "root = (root - root[-1]) / (root[0] - root[-1]) * root[0]",
+     "root = (root - 0.5 * root[-1]) / (root[0] - root[-1]) * root[0]"),
+    ("zero terminal SNR: the rescale does not keep the first sqrt(alpha_bar)", "ddpm_lib/schedules.py",
+     "root = (root - root[-1]) / (root[0] - root[-1]) * root[0]",
+     "root = (root - root[-1]) / (root[0] - root[-1])"),
+    ("zero terminal SNR: DDPM's first step from pure noise without sqrt(alpha_bar_prev)", "ddpm_lib/samplers.py",
+     "else math.sqrt(alpha_bar_prev) * x0_hat)", "else x0_hat)"),
+    ("zero terminal SNR: the ELBO's x0 weight as kappa * SNR (inf * 0 at SNR = 0)", "ddpm_lib/objectives.py",
+     'kappa_x0 = beta**2 * schedule.float64("alpha_bars_prev") / (2.0 * sigma2 * (1.0 - alpha_bar) ** 2)',
+     "kappa_x0 = kappa * alpha_bar / (1.0 - alpha_bar)"),
+    ("zero terminal SNR: the ELBO's v weight without 1 / (SNR + 1)", "ddpm_lib/objectives.py",
+     'return {"x0": w_x0, "v": w_x0 / (snr + 1.0)}[prediction]', 'return {"x0": w_x0, "v": w_x0}[prediction]'),
 ]
 
 

@@ -215,3 +215,50 @@ def test_elbo_weights_make_the_eps_mse_the_elbo_terms(linear):
     for prediction, factor in (("x0", snr), ("v", snr / (snr + 1))):
         wp = objectives.loss_weights(linear, t, prediction, "elbo").double()
         assert torch.allclose(wp, (w * factor)[t], rtol=1e-5), prediction
+
+
+def test_zero_terminal_snr_weights_are_finite_and_eps_is_refused():
+    """On a zero-terminal-SNR schedule (alpha_bar_{T-1} = 0, SNR = 0): min-SNR gives x0 and v
+    the weight 0 there; the ELBO's kappa is infinite there but its x0 (and v) weight kappa SNR
+    is the limit (SNR_{T-2} - 0) / 2, scaled like the others, and is the ELBO's KL term
+    L_{T-1} computed from the posterior means; an eps target is refused."""
+    sched = NoiseSchedule.linear(T=1000, zero_terminal_snr=True)
+    T = sched.T
+    t = torch.tensor([0, 500, T - 2, T - 1])
+    for prediction in ("x0", "v"):
+        for weighting in ("min_snr", "elbo"):
+            w = objectives.loss_weights(sched, t, prediction, weighting)
+            assert torch.isfinite(w).all(), (prediction, weighting)
+        assert objectives.loss_weights(sched, t, prediction, "min_snr")[-1].item() == 0.0
+    ab = sched.float64("alpha_bars")
+    snr = ab / (1 - ab)
+    w_eps, w_x0 = objectives.elbo_eps_weights(sched), objectives.elbo_x0_weights(sched)
+    assert w_eps[-1].item() == math.inf and torch.isfinite(w_eps[:-1]).all()
+    assert torch.allclose(w_x0[:-1], (w_eps * snr)[:-1], rtol=1e-9)
+    # kappa SNR = (SNR_{t-1} - SNR_t) / 2 for t >= 1: the last over the one before
+    assert (w_x0[-1] / w_x0[-2]).item() == pytest.approx((snr[-2] / (snr[-3] - snr[-2])).item(), rel=1e-9)
+    elbo = {p: objectives.loss_weights(sched, t, p, "elbo").double() for p in ("x0", "v")}
+    assert torch.allclose(elbo["x0"], w_x0[t], rtol=1e-6)
+    assert torch.allclose(elbo["v"], (w_x0 / (snr + 1))[t], rtol=1e-6)     # SNR + 1 = 1 at T-1
+    assert torch.allclose(elbo["v"][:-1], (w_eps * snr / (snr + 1))[t[:-1]], rtol=1e-6)
+    # the KL at t = T-1 from the posterior means: q's mean sqrt(ab_prev) x0, p's with x0_theta
+    g = torch.Generator().manual_seed(0)
+    x0, x0_theta = (torch.randn(4, 1, 2, 2, generator=g, dtype=torch.float64) for _ in range(2))
+    a_prev = ab[-2]
+    var = sched.float64("beta_tilde")[-1]
+    kl = diffusion.gaussian_kl(a_prev.sqrt() * x0, var, a_prev.sqrt() * x0_theta, var).flatten(1).mean(1)
+    mse = ((x0 - x0_theta) ** 2).flatten(1).mean(1)
+    scale = (snr[-3] - snr[-2]) / 2 / w_x0[-2]                  # kappa_x0 / weight, from the step before
+    assert torch.allclose(w_x0[-1] * scale * mse, kl, rtol=1e-9)
+    # training: v and x0 give finite losses at every weighting, eps is refused
+    x0b, tb, epsb = _batch(n=64)
+    tb[:8] = T - 1
+    model = lambda x, tt: 0.5 * x                                  # noqa: E731
+    for prediction in ("x0", "v"):
+        for weighting in ("uniform", "min_snr", "elbo"):
+            loss = objectives.diffusion_loss(model, sched, x0b, tb, epsb, prediction=prediction, weighting=weighting)
+            assert torch.isfinite(loss), (prediction, weighting)
+    for call in (lambda: objectives.loss_simple(model, sched, x0b, tb, epsb),
+                 lambda: objectives.loss_weights(sched, tb, "eps", "min_snr")):
+        with pytest.raises(ValueError, match=r"zero terminal SNR.*prediction='v'"):
+            call()

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from ddpm_lib import NoiseSchedule
-from ddpm_lib.schedules import cosine_betas, linear_betas
+from ddpm_lib.schedules import cosine_betas, linear_betas, rescale_zero_terminal_snr
 
 
 def test_linear_schedule_values(linear):
@@ -129,7 +129,7 @@ def test_to_device_keeps_values(linear):
     assert torch.equal(moved.alpha_bars, linear.alpha_bars) and moved.T == linear.T
 
 
-@pytest.mark.parametrize("betas", [[0.1, 1.0], [0.0, 0.1], [-0.1], [0.1, float("nan")], [[0.1, 0.2]], []])
+@pytest.mark.parametrize("betas", [[1.0, 0.1], [0.1, 1.5], [0.0, 0.1], [-0.1], [0.1, float("nan")], [[0.1, 0.2]], []])
 def test_bad_betas_raise(betas):
     with pytest.raises(ValueError):
         NoiseSchedule(torch.tensor(betas))
@@ -199,3 +199,64 @@ def test_timesteps_that_are_not_integers_say_what_t_must_be(linear):
         linear.q_sample(x0, 3, torch.zeros(2, 1, 4, 4, device="meta"))
     with pytest.raises(ValueError, match="the schedule has no tensor 'alpha_bar'; it has betas"):
         linear.float64("alpha_bar")
+
+
+# ----------------------------------------------------------------------------------------
+# Zero terminal SNR (Lin et al. 2024, Algorithm 1)
+# ----------------------------------------------------------------------------------------
+@pytest.mark.parametrize("kind", ["linear", "cosine"])
+def test_rescaled_schedule_ends_in_pure_noise_and_keeps_its_first_step(kind):
+    original = getattr(NoiseSchedule, kind)()
+    rescaled = getattr(NoiseSchedule, kind)(zero_terminal_snr=True)
+    assert rescaled.zero_terminal_snr and not original.zero_terminal_snr
+    ab, ab_new = original.float64("alpha_bars"), rescaled.float64("alpha_bars")
+    assert ab_new[-1].item() == 0.0 and rescaled.float64("betas")[-1].item() == 1.0      # exactly
+    assert ab_new[0].item() == pytest.approx(ab[0].item(), rel=3e-16, abs=0)             # 1 ulp
+    # sqrt(alpha_bar) is the paper's affine map of the original: shifted so the last value
+    # is 0, scaled so the first is kept
+    root, root_T, root_0 = ab.sqrt(), ab[-1].sqrt(), ab[0].sqrt()
+    expected = (root - root_T) * root_0 / (root_0 - root_T)
+    assert torch.allclose(ab_new.sqrt(), expected, rtol=1e-11, atol=1e-15)
+    assert torch.equal(rescaled.float64("betas"), rescale_zero_terminal_snr(original.float64("betas")))
+    # a valid schedule: alpha_bar falls strictly, every beta in (0, 1) but the last
+    assert (ab_new[1:] < ab_new[:-1]).all() and (rescaled.float64("betas")[:-1] < 1).all()
+    assert rescaled.alpha_bars[-2].item() > 0                                              # in float32 too
+
+
+def test_zero_terminal_quantities_at_the_last_step():
+    """SNR = 0, log-SNR = -inf (the truth), beta_tilde and the posterior finite; x0 from v is
+    -v exactly, eps from v is x_t; the eps formulas are refused with a pointer to v."""
+    sched = NoiseSchedule.linear(T=100, beta_start=1e-3, beta_end=0.05, zero_terminal_snr=True)
+    T = sched.T
+    assert sched.snr[-1].item() == 0.0 and sched.log_snr[-1].item() == -math.inf
+    assert torch.isfinite(sched.log_snr[:-1]).all() and torch.isfinite(sched.beta_tilde).all()
+    assert sched.float64("beta_tilde")[-1].item() == pytest.approx(1 - sched.float64("alpha_bars")[-2].item())
+    g = torch.Generator().manual_seed(0)
+    x0, eps, v = (torch.randn(3, 1, 2, 2, generator=g) for _ in range(3))
+    x_t, _ = sched.q_sample(x0, T - 1, eps)
+    assert torch.equal(x_t, eps)                                  # pure noise: no trace of x0
+    assert torch.equal(sched.x0_from_v(x_t, T - 1, v), -v)
+    assert torch.equal(sched.eps_from_v(x_t, T - 1, v), x_t)
+    assert torch.equal(sched.velocity(x0, T - 1, eps), -x0)
+    mean, var = sched.posterior(x0, x_t, T - 1)
+    ab_prev = sched.float64("alpha_bars")[-2].item()
+    assert torch.allclose(mean, math.sqrt(ab_prev) * x0, atol=1e-7) and torch.isfinite(var).all()
+    for method in (sched.predict_x0, sched.reverse_mean):
+        with pytest.raises(ValueError, match=r"alpha_bar = 0 \(zero terminal SNR\).*prediction='v'"):
+            method(x_t, torch.tensor([5, T - 1, 7]), eps)
+        assert torch.isfinite(method(x_t, T - 2, eps)).all()      # every other step as before
+
+
+def test_only_the_last_beta_may_be_one():
+    short = NoiseSchedule(torch.tensor([0.1, 1.0]))               # T = 2, zero terminal SNR
+    assert short.zero_terminal_snr and short.alpha_bars.tolist() == [pytest.approx(0.9), 0.0]
+    assert short.to("cpu").zero_terminal_snr
+    with pytest.raises(ValueError, match=r"strictly between 0 and 1 \(the last may be 1.*found \[1.0\]"):
+        NoiseSchedule(torch.tensor([1.0, 0.1]))
+    # the float32 underflow is still refused before a last beta of 1, with the step named
+    with pytest.raises(ValueError, match=r"alpha_bar at step t=199, before the last .* 0 in float32"):
+        NoiseSchedule(torch.cat([torch.full((200,), 0.5), torch.ones(1)]))
+    with pytest.raises(ValueError, match="at least 2 betas in"):
+        rescale_zero_terminal_snr([0.1])
+    with pytest.raises(ValueError, match="at least 2 betas in"):
+        rescale_zero_terminal_snr(short.float64("betas"))       # already ends in pure noise
