@@ -25,7 +25,7 @@ import math
 import torch
 
 from .checks import integer
-from .samplers import (SAMPLERS, Sampler, StepOutput, Trajectory, _alpha_bar, _check_sigma, _denoise,
+from .samplers import (SAMPLERS, Sampler, StepOutput, Trajectory, alpha_bar_at, check_sigma, eps_and_x0,
                        ddim_step, ddim_timesteps, ddpm_step, resolve_timesteps, sample)
 
 Tensor = torch.Tensor
@@ -76,7 +76,7 @@ def _check_mask(mask, x_known: Tensor) -> Tensor:
 def _check_inpainting(options: dict) -> dict:
     """The ``check`` of the :data:`INPAINTING` entries: image, mask, sigma and (RePaint) U."""
     x_known = _check_batch("x_known", options["x_known"])
-    cleaned = {**_check_sigma(options), "x_known": x_known, "mask": _check_mask(options["mask"], x_known)}
+    cleaned = {**check_sigma(options), "x_known": x_known, "mask": _check_mask(options["mask"], x_known)}
     if "resample" in options:
         cleaned["resample"] = integer("resample (RePaint's U, passes per timestep)", options["resample"],
                                       minimum=1)
@@ -197,7 +197,7 @@ def repaint_step(schedule, x_t, t, t_prev, eps, x0_hat, *, state, denoise=None, 
     if denoise is None:
         raise ValueError("repaint_step calls the model again: run it through sample() or inpaint(), "
                          "which pass denoise(x, t) -> (eps, x0_hat)")
-    alpha = _alpha_bar(schedule, t) / _alpha_bar(schedule, t_prev)
+    alpha = alpha_bar_at(schedule, t) / alpha_bar_at(schedule, t_prev)
     for _ in range(resample - 1):
         z = torch.randn(x_t.shape, generator=generator, device=x_t.device)
         x_t = math.sqrt(alpha) * out.x_prev + math.sqrt(1.0 - alpha) * z
@@ -303,12 +303,11 @@ def ddim_invert(model, schedule, x0: Tensor, steps: int | None = None, *, timest
     x = x0
     for t_from, t_to in zip([-1] + grid, grid):
         t_model = torch.full((x.shape[0],), max(t_from, grid[0]), device=x.device, dtype=torch.long)
-        eps, x0_hat = _denoise(model, schedule, x, t_model, prediction, clip_x0)
+        eps, x0_hat = eps_and_x0(model, schedule, x, t_model, prediction, clip_x0)
         if t_from < 0:                        # x is the data itself: alpha_bar = 1, x0_hat = x
             x0_hat = x
-        # ddim_step moves x0_hat and eps to the alpha_bar of its t_prev; with eta = 0 its t only
-        # enters sigma (0 here), so the target is passed as both (sigma's formula needs t >= t_prev)
-        x = ddim_step(schedule, x, t_to, t_to, eps, x0_hat, state={}).x_prev
+        # DDIM's deterministic update (eta = 0), run upwards: from t_from to t_to
+        x = ddim_step(schedule, x, t_from, t_to, eps, x0_hat, state={}).x_prev
         if trajectory is not None:
             trajectory.add(t_to, x, x0_hat)
     if trajectory is not None:

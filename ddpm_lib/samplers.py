@@ -109,7 +109,7 @@ def resolve_timesteps(schedule, steps: int | None = None, spacing: str = "time",
 # ----------------------------------------------------------------------------------------
 # Step functions: x at timestep t -> x at t_prev (-1: clean data)
 # ----------------------------------------------------------------------------------------
-def _alpha_bar(schedule, t: int) -> float:
+def alpha_bar_at(schedule, t: int) -> float:
     """alpha_bar at timestep t from the float64 copy; 1 at t = -1 (clean data, before step 0)."""
     return float(schedule.float64("alpha_bars")[t]) if t >= 0 else 1.0
 
@@ -127,7 +127,7 @@ def ddpm_step(schedule, x_t, t, t_prev, eps, x0_hat, *, state, denoise=None, gen
     mean (eq. 7) at alpha = 0, sqrt(alpha_bar_prev) x0_hat: x_t, pure noise, plays no part.
     Taught in chapter 6, sections "Algorithm 2, line by line" and "Which noise to add".
     """
-    alpha_bar, alpha_bar_prev = _alpha_bar(schedule, t), _alpha_bar(schedule, t_prev)
+    alpha_bar, alpha_bar_prev = alpha_bar_at(schedule, t), alpha_bar_at(schedule, t_prev)
     alpha = alpha_bar / alpha_bar_prev
     beta = 1.0 - alpha
     mean = ((x_t - beta / math.sqrt(1.0 - alpha_bar) * eps) / math.sqrt(alpha) if alpha > 0
@@ -152,7 +152,7 @@ def ddim_step(schedule, x_t, t, t_prev, eps, x0_hat, *, state, denoise=None, gen
     Taught in chapter 8, sections "From the process to a sampler" and "$\\eta$: from
     deterministic to DDPM".
     """
-    alpha_bar, alpha_bar_prev = _alpha_bar(schedule, t), _alpha_bar(schedule, t_prev)
+    alpha_bar, alpha_bar_prev = alpha_bar_at(schedule, t), alpha_bar_at(schedule, t_prev)
     sigma = eta * math.sqrt((1 - alpha_bar_prev) / (1 - alpha_bar) * (1 - alpha_bar / alpha_bar_prev)) \
         if eta > 0 else 0.0                  # (eta = 0: no 0 / 0 when DDIM inversion reaches alpha_bar = 0)
     x = math.sqrt(alpha_bar_prev) * x0_hat + math.sqrt(max(1 - alpha_bar_prev - sigma**2, 0.0)) * eps
@@ -185,7 +185,7 @@ def dpm_solver_2m_step(schedule, x_t, t, t_prev, eps, x0_hat, *, state, denoise=
     """
     if t_prev < 0:                       # timestep 0 -> clean data: b = 0, exp(-h) = 0
         return StepOutput(x0_hat, x0_hat)
-    alpha_bar, alpha_bar_prev = _alpha_bar(schedule, t), _alpha_bar(schedule, t_prev)
+    alpha_bar, alpha_bar_prev = alpha_bar_at(schedule, t), alpha_bar_at(schedule, t_prev)
     a, b = math.sqrt(alpha_bar), math.sqrt(1.0 - alpha_bar)
     a_prev, b_prev = math.sqrt(alpha_bar_prev), math.sqrt(1.0 - alpha_bar_prev)
     lam, lam_prev = (math.log(a / b) if a > 0 else -math.inf), math.log(a_prev / b_prev)
@@ -224,7 +224,7 @@ class Sampler:
     zero_snr: bool = False
 
 
-def _check_sigma(o: dict) -> dict:
+def check_sigma(o: dict) -> dict:
     if o["sigma"] not in ("beta", "beta_tilde"):
         raise ValueError(f"sigma must be 'beta' or 'beta_tilde', got {o['sigma']!r}")
     return o
@@ -243,7 +243,7 @@ def _check_order(o: dict) -> dict:
 
 
 SAMPLERS: dict[str, Sampler] = {
-    "ddpm": Sampler(ddpm_step, "DDPM", None, "time", {"sigma": "beta"}, _check_sigma, zero_snr=True),
+    "ddpm": Sampler(ddpm_step, "DDPM", None, "time", {"sigma": "beta"}, check_sigma, zero_snr=True),
     "ddim": Sampler(ddim_step, "DDIM", 50, "time", {"eta": 0.0}, _check_eta, zero_snr=True),
     "dpm_solver": Sampler(dpm_solver_2m_step, "DPM-Solver++(2M)", 20, "logsnr", {"order": 2}, _check_order,
                           zero_snr=True),
@@ -273,7 +273,7 @@ def _start(schedule, shape, x_T, generator, device):
     return schedule, x_T.to(device, torch.float32)
 
 
-def _denoise(model, schedule, x, t_batch, prediction, clip_x0):
+def eps_and_x0(model, schedule, x, t_batch, prediction, clip_x0):
     """One network call: eps and x0_hat from what the model predicts (eps, x0 or v), x0_hat
     clipped to [-1, 1] if asked, with eps re-derived from it so the two stay consistent."""
     out = model(x, t_batch)
@@ -341,7 +341,7 @@ def sample(model, schedule, shape, *, sampler: str | Sampler = "ddpm", steps: in
 
     def denoise(x_at: Tensor, t_at: int) -> tuple[Tensor, Tensor]:     # one network call
         t_batch = torch.full((x_at.shape[0],), t_at, device=x_at.device, dtype=torch.long)
-        return _denoise(model, schedule, x_at, t_batch, prediction, clip_x0)
+        return eps_and_x0(model, schedule, x_at, t_batch, prediction, clip_x0)
 
     for i, t in enumerate(tqdm(timesteps, desc=entry.label, disable=not progress)):
         t_prev = timesteps[i + 1] if i + 1 < len(timesteps) else -1

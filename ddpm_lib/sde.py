@@ -31,7 +31,7 @@ import torch
 
 from .checks import integer, real
 from .samplers import (SAMPLERS, SPACINGS, Sampler, StepOutput,
-                       _alpha_bar, _check_steps)
+                       alpha_bar_at, _check_steps)
 
 Tensor = torch.Tensor
 
@@ -123,8 +123,8 @@ def euler_maruyama_step(schedule, x_t, t, t_prev, eps, x0_hat, *, state,
     step. No noise on the last step (to t_prev = -1), as in DDPM.
     x_t, eps, x0_hat: (B, ...).
     """
-    alpha_bar = _alpha_bar(schedule, t)
-    beta = 1.0 - alpha_bar / _alpha_bar(schedule, t_prev)
+    alpha_bar = alpha_bar_at(schedule, t)
+    beta = 1.0 - alpha_bar / alpha_bar_at(schedule, t_prev)
     score_term = eps / math.sqrt(1.0 - alpha_bar)
     mean = x_t + beta * (x_t / 2 - score_term)
     if t_prev < 0:
@@ -155,8 +155,8 @@ def euler_step(schedule, x_t, t, t_prev, eps, x0_hat, *, state,
     returns x0_hat. On any grid this is DDIM with eta = 0. One network
     call per step; no noise. x_t, eps, x0_hat: (B, ...).
     """
-    alpha_bar, alpha_bar_prev = _alpha_bar(schedule, t), \
-        _alpha_bar(schedule, t_prev)
+    alpha_bar, alpha_bar_prev = alpha_bar_at(schedule, t), \
+        alpha_bar_at(schedule, t_prev)
     h = _sigma(alpha_bar_prev) - _sigma(alpha_bar)          # < 0
     y_prev = x_t / math.sqrt(alpha_bar) + h * eps
     return StepOutput(math.sqrt(alpha_bar_prev) * y_prev, x0_hat)
@@ -178,8 +178,8 @@ def heun_step(schedule, x_t, t, t_prev, eps, x0_hat, *, state,
     call at the end: Euler, as in Karras et al. Two network calls per
     step, one on the last. x_t, eps, x0_hat: (B, ...).
     """
-    alpha_bar, alpha_bar_prev = _alpha_bar(schedule, t), \
-        _alpha_bar(schedule, t_prev)
+    alpha_bar, alpha_bar_prev = alpha_bar_at(schedule, t), \
+        alpha_bar_at(schedule, t_prev)
     h = _sigma(alpha_bar_prev) - _sigma(alpha_bar)          # < 0
     y = x_t / math.sqrt(alpha_bar)
     y_euler = y + h * eps
