@@ -9,7 +9,8 @@ data) and ``likelihood`` (the bound in bits per dimension) -> ``unet`` -> ``acce
 checks) and ``ema`` -> ``autoencoder`` (the VAE and its training) -> ``pretrained`` (shipped
 weights) -> ``train`` -> ``guidance`` and ``samplers`` -> ``sde`` (the continuous view:
 reverse-SDE and probability-flow ODE samplers, which it adds to ``samplers.SAMPLERS``)
--> ``features`` (images to features) -> ``metrics`` (the scores) -> ``viz``; then ``book``
+-> ``features`` (images to features) -> ``metrics`` (the scores) -> ``recipes`` (training
+recipes as data, runs for a time budget and their scores) -> ``viz``; then ``book``
 (a chapter's first cell), ``bench`` (speed) and ``python -m ddpm_lib`` (train and sample
 from the command line). Importing the package imports ``sde``, so the sampler registry is
 complete whichever module is imported first.

@@ -87,7 +87,7 @@ def test_imports_flow_one_way():
 # the order data flows in (ddpm_lib/__init__.py and DESIGN.md say it in words)
 ORDER = ["checks", "io", "data", "captions", "diffusion", "schedules", "objectives", "analytic", "likelihood", "layers", "unet", "text",
          "accel", "runs", "ema", "autoencoder", "pretrained", "hub", "train", "guidance", "samplers", "sde", "editing", "flow",
-         "interop", "features", "metrics", "viz", "__init__", "book", "bench", "cli_args", "__main__"]
+         "interop", "features", "metrics", "recipes", "viz", "__init__", "book", "bench", "cli_args", "__main__"]
 
 
 def test_no_module_imports_a_later_one():
