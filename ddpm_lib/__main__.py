@@ -14,14 +14,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import __version__, data, features
+from . import __version__, data, features, recipes
 from .accel import COMPILE_MODES, PRECISIONS, distributed_info, init_distributed
 from .cli_args import (DEVICE_HELP, IMAGE_SUFFIXES, OPTION_HELP, HelpFormatter, _at_least, _device, _image_path,
                        _ints, _json_object, _label, _npy_path, _switch)
 from .guidance import guided_model, guided_text_model
 from .hub import CONFIG_FILE, WEIGHTS_FILE, export_safetensors
 from .io import FILE_KINDS, CheckpointBusy, file_kind, load_checkpoint, sha256
-from .pretrained import PRETRAINED, build_model, load_pretrained, load_pretrained_vae, load_weights, save_weights
+from .objectives import WEIGHTINGS, check_schedule
+from .pretrained import (PRETRAINED, build_model, load_pretrained, load_pretrained_vae, load_weights,
+                         prediction_of, save_weights)
 from .samplers import SAMPLERS, sample
 from .schedules import NoiseSchedule
 from .text import TextConditionedUNet
@@ -44,7 +46,12 @@ def cmd_train(args) -> None:
         device = init_distributed()
     else:
         device = args.device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    schedule = (NoiseSchedule.cosine(args.T) if args.schedule == "cosine" else NoiseSchedule.linear(args.T))
+    for flag, value in recipes.train_defaults(device.type).items():   # flags not given
+        if getattr(args, flag) is None:
+            setattr(args, flag, value)
+    make = NoiseSchedule.cosine if args.schedule == "cosine" else NoiseSchedule.linear
+    schedule = make(args.T, zero_terminal_snr=args.zero_terminal_snr)
+    check_schedule(schedule, args.prediction)     # eps cannot be learned where alpha_bar = 0
     torch.manual_seed(args.seed)
     model = UNet(in_channels=images.shape[1], base_channels=args.base_channels,
                  channel_mults=_ints(args.channel_mults), num_res_blocks=args.num_res_blocks,
@@ -57,7 +64,8 @@ def cmd_train(args) -> None:
     config = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, warmup_steps=args.warmup_steps,
                          ema_decay=args.ema_decay, grad_clip=args.grad_clip, seed=args.seed,
                          checkpoint_every=args.checkpoint_every, log_every=args.log_every,
-                         hflip=args.hflip, precision=args.precision,
+                         hflip=args.hflip, precision=args.precision, prediction=args.prediction,
+                         weighting=args.weighting, snr_gamma=args.snr_gamma,
                          channels_last=_switch(args.channels_last),
                          compile={"auto": None, "off": False}.get(args.compile, args.compile))
     start = time.time()
@@ -111,7 +119,8 @@ def cmd_export(args) -> None:
         folder = export_safetensors(args.checkpoint, args.out)
         return print(f"wrote {folder / WEIGHTS_FILE} and {folder / CONFIG_FILE}")
     state = _training_checkpoint(args.checkpoint)
-    meta = {"step": state["step"], "train_config": state["config"], "source": Path(args.checkpoint).name}
+    meta = {"step": state["step"], "train_config": state["config"], "source": Path(args.checkpoint).name,
+            "prediction": state["config"].get("prediction", "eps")}          # what `sample` converts
     meta.update(args.meta or {})
     ema_model = build_model(state["model_config"])
     ema_model.load_state_dict(state["ema"]["model"])
@@ -130,15 +139,23 @@ def _check_output_folder(path: str, flag: str) -> None:
 
 
 def _load_model(weights: str, device):
-    """``(model, schedule, shipped name or None)`` from a weights file or a shipped model's
-    name; a file whose bytes are a shipped model's is that model (so it is decoded alike)."""
+    """``(model, schedule, what it predicts, shipped name or None)`` from a weights file or a
+    shipped model's name; a file whose bytes are a shipped model's is that model (so it is
+    decoded alike)."""
     path = Path(weights)
     if path.is_file():
         digest = sha256(path)
         name = next((n for n, entry in PRETRAINED.items() if entry["sha256"] == digest), None)
-        return (*load_weights(path, device)[:2], name)
-    if weights in PRETRAINED:
-        return (*load_pretrained(weights, device)[:2], weights)
+        model, schedule, meta = load_weights(path, device)
+    elif weights in PRETRAINED:
+        (model, schedule, meta), name = load_pretrained(weights, device), weights
+    else:
+        raise FileNotFoundError(f"--weights {weights}: no weights file at {path}, and no shipped "
+                                f"model of that name; the shipped models are {', '.join(sorted(PRETRAINED))}")
+    if (prediction := prediction_of(meta)) == "flow":
+        raise ValueError(f"--weights {weights} predicts a flow-matching velocity, which these "
+                         "samplers do not take; sample it with ddpm_lib.flow.flow_sample (chapter 15)")
+    return model, schedule, prediction, name
     raise FileNotFoundError(f"--weights {weights}: no weights file at {path}, and no shipped model "
                             f"of that name; the shipped models are {', '.join(sorted(PRETRAINED))}")
 
@@ -185,7 +202,7 @@ def cmd_sample(args) -> None:
         if path:
             _check_output_folder(path, flag)
     device = args.device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model, schedule, name = _load_model(args.weights, device)
+    model, schedule, prediction, name = _load_model(args.weights, device)
     c, s = model.config["in_channels"], model.config["image_size"]
     vae = load_pretrained_vae(device) if name in LATENT_MODELS else None
     if vae is None and c not in (1, 3):
@@ -197,7 +214,7 @@ def cmd_sample(args) -> None:
     options = {o: getattr(args, o) for o in OPTIONS if getattr(args, o) is not None}  # main() checked
     with torch.no_grad():                       # latents are not in [-1, 1]: no clipping (chapter 10)
         x = sample(net, schedule, shape, sampler=args.sampler, steps=args.steps, generator=g,
-                   progress=True, clip_x0=vae is None, **options)
+                   prediction=prediction, progress=True, clip_x0=vae is None, **options)
         x = x if vae is None else vae.decode_latents(x)
     if args.out:
         save_grid(x, args.out, nrow=args.n if args.label == "all" else int(np.ceil(np.sqrt(args.n))))
@@ -213,7 +230,7 @@ EXAMPLES = {  # each sub-command's epilog
     "train": """examples:
   %(prog)s --checkpoint runs/fashion.pt --steps 20000
   %(prog)s --checkpoint runs/cfg.pt --conditional   # then sample --label
-  %(prog)s --data cifar10 --checkpoint runs/cifar.pt --hflip
+  %(prog)s --checkpoint runs/v.pt --prediction v --zero-terminal-snr
   torchrun --nproc_per_node=4 -m ddpm_lib train --checkpoint runs/fashion.pt""",
     "export": """examples:
   %(prog)s runs/fashion.pt weights.pt
@@ -223,6 +240,12 @@ EXAMPLES = {  # each sub-command's epilog
   %(prog)s --weights fashion_mnist_cfg --label all --n 4 --guidance 3
   %(prog)s --weights fashion_mnist_text --caption "a dark trouser" --guidance 3
   %(prog)s --weights fashion_mnist_latent --sampler ddim --out latent.png"""}
+
+
+def by_device(flag: str) -> str:
+    """' (default: GPU value on a GPU, CPU value on a CPU)' for a flag of `train`."""
+    gpu, cpu = (recipes.train_defaults(kind)[flag] for kind in ("cuda", "cpu"))
+    return f" (default: {gpu} on a GPU, {cpu} on a CPU)" if gpu != cpu else f" (default: {gpu})"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -238,25 +261,36 @@ def build_parser() -> argparse.ArgumentParser:
         return sub.add_parser(name, help=help, description=help, epilog=EXAMPLES[name],
                               formatter_class=HelpFormatter)
 
-    t = command("train", "train a U-Net with L_simple (resumes from --checkpoint when it exists)")
+    t = command("train", "train a U-Net, with L_simple unless --prediction or --weighting say otherwise "
+                "(resumes from --checkpoint when it exists)")
     t.add_argument("--data", default="fashion_mnist", choices=sorted(data.DATASETS), help="training images")
     t.add_argument("--limit", type=_at_least(1), help="use only the first N training images (default: all)")
     t.add_argument("--checkpoint", required=True, help="checkpoint file, resumed from when it exists")
     t.add_argument("--steps", type=int, default=20000, help="total optimiser steps, a resumed run's included")
-    t.add_argument("--batch-size", type=int, default=128, help="images per optimiser step (all processes)")
-    t.add_argument("--lr", type=float, default=2e-4, help="AdamW learning rate (after the warm-up)")
-    t.add_argument("--warmup-steps", type=int, default=0, help="steps of linear learning-rate warm-up from 0")
-    t.add_argument("--ema-decay", type=float, default=0.9999, help="EMA decay (export keeps the EMA)")
+    t.add_argument("--batch-size", type=int, help="images per optimiser step (all processes)" + by_device("batch_size"))
+    t.add_argument("--lr", type=float, help="AdamW learning rate (after the warm-up)" + by_device("lr"))
+    t.add_argument("--warmup-steps", type=int, help="steps of linear learning-rate warm-up from 0"
+                   + by_device("warmup_steps"))
+    t.add_argument("--ema-decay", type=float, help="EMA decay (export keeps the EMA)" + by_device("ema_decay"))
     t.add_argument("--grad-clip", type=float, default=1.0, help="largest global gradient norm")
     t.add_argument("--T", type=_at_least(1), default=1000, help="number of diffusion timesteps T")
-    t.add_argument("--schedule", choices=["linear", "cosine"], default="linear",
-                   help="noise schedule: betas 1e-4 .. 0.02 (Ho et al.) or cosine (Nichol & Dhariwal)")
-    t.add_argument("--base-channels", type=int, default=64, help="U-Net channels at full resolution")
+    t.add_argument("--schedule", choices=["linear", "cosine"], help="noise schedule: betas 1e-4 .. 0.02 "
+                   "(Ho et al.) or cosine (Nichol & Dhariwal)" + by_device("schedule"))
+    t.add_argument("--zero-terminal-snr", action=argparse.BooleanOptionalAction, help="rescale the schedule "
+                   "so that alpha_bar_{T-1} = 0 (Lin et al. 2024; needs --prediction v or x0)"
+                   + by_device("zero_terminal_snr"))
+    t.add_argument("--prediction", choices=["eps", "x0", "v"], help="what the network predicts (recorded in "
+                   "the exported weights; `sample` converts it)" + by_device("prediction"))
+    t.add_argument("--weighting", choices=WEIGHTINGS, help="loss weight per timestep: uniform (L_simple), "
+                   "min_snr (Hang et al. 2023, --snr-gamma) or elbo" + by_device("weighting"))
+    t.add_argument("--snr-gamma", type=_at_least(0.0, float), default=5.0, help="gamma of min_snr")
+    t.add_argument("--base-channels", type=int, help="U-Net channels at full resolution" + by_device("base_channels"))
     t.add_argument("--channel-mults", default="1,2,2", help="channel multiplier of each resolution level")
-    t.add_argument("--num-res-blocks", type=int, default=2, help="residual blocks per resolution level")
+    t.add_argument("--num-res-blocks", type=int, help="residual blocks per resolution level"
+                   + by_device("num_res_blocks"))
     t.add_argument("--attention-resolutions", help="comma-separated resolutions with self-attention, '' "
                    "for none (default: the dataset's, 7 for 28x28 images, 16 for CIFAR-10)")
-    t.add_argument("--dropout", type=float, default=0.1, help="dropout probability in the residual blocks")
+    t.add_argument("--dropout", type=float, help="dropout probability in the residual blocks" + by_device("dropout"))
     t.add_argument("--conditional", action="store_true",
                    help="class-conditional: labels as input, 10%% of them dropped (for guidance)")
     t.add_argument("--seed", type=int, default=0, help="seed of the initial weights, batches and noise")

@@ -80,6 +80,13 @@ def save_weights(model: UNet, schedule: NoiseSchedule, path, meta: dict | None =
     return sha256(path)
 
 
+def prediction_of(meta: dict) -> str:
+    """What the network of a weights file predicts (``"eps"``, ``"x0"``, ``"v"`` or ``"flow"``):
+    ``meta["prediction"]``, else its training configuration's, else ``"eps"`` (every file made
+    before the target was recorded, the shipped ones included, predicts eps)."""
+    return meta.get("prediction") or (meta.get("train_config") or {}).get("prediction", "eps")
+
+
 def build_model(model_config: dict) -> UNet:
     """The (untrained) network a saved ``model_config`` describes: a
     :class:`~ddpm_lib.text.TextConditionedUNet` when it holds a ``vocabulary`` (chapter 12),

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from conftest import tiny_unet
+from ddpm_lib import recipes
 from ddpm_lib.data import DATASETS
 from ddpm_lib.pretrained import PRETRAINED, load_pretrained, load_weights
 from ddpm_lib.samplers import SAMPLERS
@@ -25,6 +26,8 @@ def test_train_export_sample(tmp_path):
     ckpt, weights = tmp_path / "run.pt", tmp_path / "w.pt"
     rc, out = cli("train", "--checkpoint", str(ckpt), "--steps", "2", "--log-every", "1", *TINY)
     assert rc == 0, out
+    config, cpu = torch.load(ckpt, weights_only=True)["config"], recipes.train_defaults("cpu")
+    assert all(config[k] == cpu[k] for k in ("lr", "warmup_steps", "ema_decay", "prediction"))
     rc, out = cli("train", "--checkpoint", str(ckpt), "--steps", "3", "--log-every", "1",
                   "--lr", "1e-4", *TINY)                                # resumes, at a new lr
     assert rc == 0 and "resumed from step 2, trained to step 3" in out, out
@@ -44,6 +47,32 @@ def test_train_export_sample(tmp_path):
     rc, out = cli("sample", "--weights", str(weights), "--n", "2", "--sampler", "ddim", "--steps", "5",
                   "--out", str(png))
     assert rc == 0, out
+
+
+def test_train_with_another_target_and_sample_converts_it(tmp_path):
+    """--prediction v on a zero-terminal-SNR schedule with min-SNR weights: export records the
+    target, and `sample` converts the network's v as the library's sample(prediction="v") does."""
+    from ddpm_lib import features
+    from ddpm_lib.__main__ import main
+    from ddpm_lib.samplers import sample
+    ckpt, weights, npy = tmp_path / "run.pt", tmp_path / "w.pt", tmp_path / "s.npy"
+    rc, out = cli("train", "--checkpoint", str(ckpt), "--steps", "2", "--prediction", "v",
+                  "--weighting", "min_snr", "--zero-terminal-snr", *TINY)
+    assert rc == 0, out
+    assert cli("export", str(ckpt), str(weights))[0] == 0
+    model, schedule, meta = load_weights(weights)
+    assert meta["prediction"] == "v" and meta["train_config"]["weighting"] == "min_snr"
+    assert schedule.zero_terminal_snr and float(schedule.alpha_bars[-1]) == 0.0
+    main(["sample", "--weights", str(weights), "--n", "4", "--sampler", "ddim", "--steps", "5",
+          "--out", "", "--npy", str(npy)])
+    got = np.load(npy)
+    with torch.no_grad():
+        runs = {p: features.to_uint8(sample(model, schedule, (4, 1, 28, 28), sampler="ddim", steps=5,
+                                            prediction=p, generator=torch.Generator().manual_seed(0)))[:, 0]
+                for p in ("v", "x0")}
+    assert np.array_equal(got, runs["v"]) and not np.array_equal(got, runs["x0"])
+    rc, out = cli("train", "--checkpoint", str(tmp_path / "e.pt"), "--zero-terminal-snr", *TINY)
+    assert rc == 2 and "prediction='v'" in out, out          # eps cannot be learned at alpha_bar = 0
 
 
 def test_cli_errors_are_clear(tmp_path):
