@@ -49,8 +49,7 @@ def cmd_train(args) -> None:
     for flag, value in recipes.train_defaults(device.type).items():   # flags not given
         if getattr(args, flag) is None:
             setattr(args, flag, value)
-    make = NoiseSchedule.cosine if args.schedule == "cosine" else NoiseSchedule.linear
-    schedule = make(args.T, zero_terminal_snr=args.zero_terminal_snr)
+    schedule = recipes.schedule(args.schedule, args.zero_terminal_snr, args.T)
     check_schedule(schedule, args.prediction)     # eps cannot be learned where alpha_bar = 0
     torch.manual_seed(args.seed)
     model = UNet(in_channels=images.shape[1], base_channels=args.base_channels,
