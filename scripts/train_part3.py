@@ -31,15 +31,14 @@ from pathlib import Path
 
 import torch
 
-from ddpm_lib import autoencoder, data
+from ddpm_lib import autoencoder, data, recipes
 from ddpm_lib.bench import cpu_name
 from ddpm_lib.pretrained import save_weights, sha256
 from ddpm_lib.schedules import NoiseSchedule
 from ddpm_lib.train import train
 from ddpm_lib.unet import UNet, count_parameters
 
-SMALL = dict(base_channels=32, channel_mults=(1, 2, 2), num_res_blocks=1, attention_resolutions=(7,),
-             dropout=0.0, image_size=28)
+SMALL = recipes.SMALL_UNET                   # the network of every shipped pixel model
 RECIPE = dict(batch_size=128, lr=5e-4, warmup_steps=200, ema_decay=0.999, grad_clip=1.0, log_every=100)
 
 

@@ -35,7 +35,7 @@ from pathlib import Path
 
 import torch
 
-from ddpm_lib import captions
+from ddpm_lib import captions, recipes
 from ddpm_lib.bench import cpu_name
 from ddpm_lib.io import load_checkpoint
 from ddpm_lib.pretrained import save_weights
@@ -44,8 +44,7 @@ from ddpm_lib.text import TextConditionedUNet
 from ddpm_lib.train import train
 from ddpm_lib.unet import count_parameters
 
-UNET = dict(base_channels=32, channel_mults=(1, 2, 2), num_res_blocks=1, attention_resolutions=(7,),
-            dropout=0.0, image_size=28, num_heads=4)
+UNET = dict(recipes.SMALL_UNET, num_heads=4)   # the shipped pixel network, 4 attention heads
 
 
 def device_name(device: torch.device) -> str:
