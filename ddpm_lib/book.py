@@ -122,7 +122,9 @@ def setup(seed: int = 0, profile: str | None = None, device: str | None = None, 
 # (tests/test_data_and_book.py keeps this table equal to the folder).
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 RESULTS_SHA256 = {
-    "ablation_cpu.json": "9e7668c7632537a89bbfb8d52e497def475987536a369279da0577fb0f941699",
+    "ablation_best_s1_10min.pt": "78dc566b203a8ed8edc0de3eba1456916b74eab7e16cb1d19fb5d69fda6a1f55",
+    "ablation_cpu.json": "76695da84af8ed2393032f6f137d9ae12b47d84ce7c8d3dce0aba46d62705038",
+    "ablation_shipped_s1_10min.pt": "a1e738ff1a491cea31cb9f4a5a8b715c361445a84b98359c616bcea7238421ce",
     "bench_cpu.json": "b5bb18522ec1ead114cdcdefc1689a8794d19536a464630e5d504f08a0d7f122",
     "bench_h200.log": "52192d1268952fee9d2496a60b7480a18103e9dfe9605bec892e73a6a7bd13ec",
     "fashion_mnist_eps_equal_steps.pt": "f8d8e84137adeadce68c2d824fe178794b2f0ae74411cabd430f23eb5a4fc950",

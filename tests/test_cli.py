@@ -286,7 +286,8 @@ def test_every_flag_and_positional_has_help_and_defaults_show():
             examples = [line for line in parser.epilog.splitlines() if line.startswith("  ")]
             assert 2 <= len(examples) <= 4 and "\n  python -m ddpm_lib " + name in text, name
     train_help, sample_help = parsers[1][1].format_help(), parsers[3][1].format_help()
-    assert "(default: 128)" in " ".join(train_help.split())            # --batch-size
+    # --batch-size: the default depends on the device (recipes.train_defaults)
+    assert "(default: 128 on a GPU, 32 on a CPU)" in " ".join(train_help.split())
     assert "(default: None)" not in train_help + sample_help            # None: the help says it
     for shipped in PRETRAINED:
         assert shipped in sample_help
