@@ -123,7 +123,7 @@ def setup(seed: int = 0, profile: str | None = None, device: str | None = None, 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 RESULTS_SHA256 = {
     "ablation_best_s1_10min.pt": "78dc566b203a8ed8edc0de3eba1456916b74eab7e16cb1d19fb5d69fda6a1f55",
-    "ablation_cpu.json": "73d0b0fc09fedc3b7dad3649cbac0ab96593ee97295b137bb832d48ca3ca9e26",
+    "ablation_cpu.json": "505fb7441fa004c3c1fafc785b526289296222c2d471345a945aeece6f363751",
     "ablation_shipped_s1_10min.pt": "a1e738ff1a491cea31cb9f4a5a8b715c361445a84b98359c616bcea7238421ce",
     "bench_cpu.json": "b5bb18522ec1ead114cdcdefc1689a8794d19536a464630e5d504f08a0d7f122",
     "bench_h200.log": "52192d1268952fee9d2496a60b7480a18103e9dfe9605bec892e73a6a7bd13ec",

@@ -115,6 +115,15 @@ def test_ema_warmup():
     assert ema.current_decay() == 0.999
 
 
+def test_ema_decays_agree_until_the_warmup_reaches_the_smaller():
+    """Chapter 16: (1 + n) / (10 + n) < 0.99 for n < 890, so decays 0.99 and 0.999 average the
+    same weights up to update 890 (the ablation row ema_0.99 of a 700-step run is the shipped one)."""
+    small, large = EMA(torch.nn.Linear(1, 1), decay=0.99), EMA(torch.nn.Linear(1, 1), decay=0.999)
+    for n in (0, 100, 889, 890, 891, 5000):
+        small.num_updates = large.num_updates = n
+        assert (small.current_decay() == large.current_decay()) == (n <= 890), n
+
+
 def test_bad_training_input(fashion):
     images, labels = fashion.train[:256], fashion.train_labels[:256]
     sched = NoiseSchedule.linear(T=10)

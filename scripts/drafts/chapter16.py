@@ -78,11 +78,12 @@ import time
 import matplotlib.pyplot as plt
 import torch
 
-from ddpm_lib import features, metrics, objectives, recipes, viz
+from ddpm_lib import data, features, metrics, objectives, recipes, viz
 from ddpm_lib.bench import cpu_name, train_flops
 from ddpm_lib.schedules import NoiseSchedule
 from ddpm_lib.pretrained import load_weights
 from ddpm_lib.samplers import ddim_sample
+from ddpm_lib.train import train
 from ddpm_lib.unet import UNet, count_parameters
 
 runs = book.load_result("ablation_cpu.json")["runs"]
@@ -324,12 +325,14 @@ for group, rows in groups.items():
 md(r"""
 **How large is a difference?** The shipped recipe scored 66.6 with seed 0 and 68.5 with seed
 1 at ten minutes (122.3 and 122.2 at five); the best combination 26.1 and 28.9; batch 16
-TODO. Other initial weights and other batches move a score by about 5%, so only a difference
-of 10% or more between two single-seed rows is read as a finding below; smaller ones are
-reported as "no difference this experiment can show".
+27.8 and 32.0. Other initial weights and other batches, and a machine whose speed drifts
+(the seed-1 runs of the two best rows fell in an hour when the CPU ran about 7% fewer steps
+per second), move a score by 3 to 15%. So below, a single-seed difference of less than about
+15% is reported as "no difference this experiment can show", and one of 15 to 25% as a
+likely effect that a second seed would have to confirm.
 
 **The batch is the biggest lever.** Batch 32 instead of 128 scores 31.3 instead of 66.6, and
-batch 16 TODO. A smaller batch is hardly cheaper per image on this CPU (137 and 128 images
+batch 16 27.8 (32.0 with seed 1). A smaller batch is hardly cheaper per image on this CPU (137 and 128 images
 per second against 146: the convolutions of a small batch use the cores a little less well),
 so in ten minutes every row sees about the same number of images. What changes is how many
 times the weights are updated: 686 steps at batch 128, 2,564 at 32, 4,820 at 16. Early in
@@ -343,15 +346,32 @@ almost no time.
 
 **The optimiser.** A higher learning rate ($10^{-3}$: 48.0) helps, and so does a shorter
 warm-up (20 steps: 54.1): 200 warm-up steps are 29% of the shipped run's 686 steps, time spent
-at a reduced learning rate. $2\cdot10^{-3}$ TODO. An EMA of decay 0.99 (an average over about
-100 steps instead of 1,000) TODO.
+at a reduced learning rate. $2\cdot10^{-3}$ scored the same as $10^{-3}$ (48.3) with 16% fewer
+steps (it ran in the slower hour described next): at batch 128 the best learning rate for ten
+minutes is $10^{-3}$ or higher.
+
+**The EMA row measured the machine instead.** The EMA of {doc}`05_training` has a warm-up:
+after update $n$ its decay is $\min\!\big(d, \tfrac{1+n}{10+n}\big)$, and
+$\tfrac{1+n}{10+n}$ stays below 0.99 until update 890. A run of 700 steps at batch 128
+therefore averages exactly the same weights with $d = 0.99$ as with $d = 0.999$ (the folded
+cell checks it on a small run): the row `ema_0.99` is the shipped run of seed 0 again, only
+stopped earlier. It ran 609 steps instead of 686, because the CPU (a virtual machine) ran
+about 11% slower during that hour, and scored 76.5 instead of 66.6. That is an honest
+measure of how much 77 fewer steps cost at ten minutes, and a reminder that wall-clock
+comparisons are only as steady as the machine: the rows' steps and images per second are in
+the table for this reason. Where the decay does matter, with the best recipe's 2,700 steps,
+the row `batch_32+lr_1e-3+warmup_20+ema_0.99` ran in an even slower hour (1,959 steps instead
+of 2,698) and scored 37.4; the seed-1 run of the best recipe had 35.4 after 1,902 steps (the
+plot's third point). At equal steps, no difference this experiment can show.
 
 **The target and the weights.** Predicting $x_0$ (55.5) or $v$ (53.4) instead of $\epsilon$
-scores about 20% better, and more at five minutes (82.8 and 89.7 against 122.3). Through the
-lens of the weights above this is no surprise: $\epsilon$-prediction puts the $x_0$ error at
+scores about 20% better at ten minutes and 27 to 32% better at five (82.8 and 89.7 against
+122.3): a likely effect, measured with one seed. Through the lens of the weights above it is
+what one would expect: $\epsilon$-prediction puts the $x_0$ error at
 nearly clean timesteps under a weight of up to $10^4$, so a short run spends much of its
-gradient on details that a sampler barely uses. Min-SNR-$\gamma$ clamps exactly that weight
-and also helps at ten minutes (57.0), though not yet at five (125.9). The **ELBO** weights go
+gradient on details that a sampler barely uses. Min-SNR-$\gamma$ clamps exactly that weight,
+but at this budget it shows no difference from uniform weights (57.0 at ten minutes, 14%
+better; 125.9 at five, no better). The **ELBO** weights go
 the other way: they weight the $\epsilon$ loss of the first few timesteps 50 to 100 times more
 than that of the middle ones (printed below) and score 149.6, more than twice the shipped recipe's. That is the finding of
 {cite:t}`ho2020` on CIFAR-10 that {ref}`chapter 3 <ch03-l0>` quotes, made again in ten
@@ -366,7 +386,10 @@ Fashion-MNIST's mostly dark backgrounds, at least not at this budget.
 **The network.** A narrower U-Net (16 channels: 4 times fewer FLOPs per image) takes 2.8 times
 as many steps but scores about the same (62.4): the extra steps buy nothing that a quarter of
 the channels can hold. Without attention the network is 10% faster and no worse (59.3).
-TODO: width 48, depth 2.
+A deeper U-Net (two residual blocks per level) goes the other way and loses: 406 steps in ten
+minutes (in the slower hour) and 91.4. At this budget no network change paid for itself;
+the shipped one is already about as large as ten minutes can train. (A wider network, 48
+channels, was not run: the CPU had slowed down too much by then for a fair row.)
 
 **Together.** Batch 32, learning rate $10^{-3}$ and 20 warm-up steps combine to 26.1 (seed 0)
 and 28.9 (seed 1) at ten minutes, 43.1 and 49.6 at five. Run one after the other with the
@@ -384,6 +407,27 @@ print("ELBO weights of the eps loss (mean 1 over t):")
 for t_, w in zip([0, 1, 10, 100, 500, 999], elbo_w.tolist()):
     print(f"  t = {t_:3d}: {w:8.3f}")
 """, tags=["hide-input"], show="Show the code: the ELBO weights at five timesteps")
+
+code(r"""
+few, _ = data.load("fashion_mnist", "train", limit=256)
+
+
+def ema_after(decay, steps=20):
+    torch.manual_seed(0)
+    net = UNet(base_channels=8, channel_mults=(1, 2), attention_resolutions=())
+    run = train(
+        net, schedule, few, steps=steps, batch_size=8,
+        ema_decay=decay, seed=0, progress=False, device="cpu",
+    )
+    return run.ema_model.state_dict()
+
+
+a, b = ema_after(0.99), ema_after(0.999)
+print(
+    "20 steps: the EMA with decay 0.99 == the EMA with decay 0.999:",
+    all(torch.equal(a[k], b[k]) for k in a),
+)
+""", tags=["hide-cell"], show="Checked: up to update 890 the EMA's warm-up makes decays 0.99 and 0.999 the same average")
 
 code(r"""
 fig, axes = plt.subplots(1, 2, figsize=(viz.COLUMN_WIDTH, 3.9))
