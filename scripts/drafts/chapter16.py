@@ -503,6 +503,63 @@ md(r"""
   second of every run next to its score.
 """)
 
+md(r"""
+## Exercises
+
+```{exercise}
+:label: ch16-ex-epochs
+
+How many times did the shipped recipe's ten-minute run see each training image on average, and
+how many times did the best recipe's? What does the answer say about where the difference
+between the two comes from?
+```
+
+```{solution} ch16-ex-epochs
+:class: dropdown
+
+Steps times batch over 60,000 images: the shipped run (seed 0) $686 \cdot 128 / 60\,000 = 1.46$
+epochs, the best $2\,698 \cdot 32 / 60\,000 = 1.44$. Both saw about one and a half passes over
+the data, so the difference is not more data: it is four times as many updates made from the
+same images.
+```
+
+```{exercise}
+:label: ch16-ex-gpu
+
+On a GPU the shipped network processes a batch of 128 almost as fast as a batch of 32 (the
+hardware is far from busy at either size). Would batch 32 still be the better choice for ten
+minutes of training there? What would you measure to decide?
+```
+
+```{solution} ch16-ex-gpu
+:class: dropdown
+
+Not necessarily. On the CPU a step of batch 32 costs about a quarter of a step of batch 128, so
+the small batch buys four times the steps. If a step of 128 costs about as much time as a step
+of 32, the large batch gets as many steps, each with a four times less noisy gradient, and
+should win. Measure images per second at each batch size ({ref}`ch11-benchmark` does), then
+run the two recipes for the same wall clock, one after the other, and score both as here.
+```
+
+```{exercise}
+:label: ch16-ex-target
+
+Train the best recipe with $v$-prediction for ten minutes with the command line and score it
+as the chapter does. Does the change that helped the shipped recipe (about 20%, one seed) help
+the best one? Run the best recipe with $\epsilon$ right after it for a fair comparison.
+```
+
+```{solution} ch16-ex-target
+:class: dropdown
+
+`python scripts/ablation.py run batch_32+lr_1e-3+warmup_20+v batch_32+lr_1e-3+warmup_20
+--seed 2` trains and scores both, one after the other (the same as `ddpm train --prediction v`
+with a stop after 600 s, then `recipes.score` on the exported weights). The book has not run
+it: the answer is yours to measure, and a difference smaller than the spread between two
+seeds (up to 15% here) is not an answer.
+```
+""")
+
 nb = dict(cells=cells, metadata={"kernelspec": {"display_name": "Python 3", "language": "python",
                                                 "name": "python3"},
                                  "language_info": {"name": "python"}},
