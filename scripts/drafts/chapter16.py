@@ -134,7 +134,7 @@ print(
 print(
     "the shipped recipe (measured in the ablation) ran at"
     f" {rate / peak:.0%} of that rate"
-    if shipped["machine"].startswith(f"cpu ({cpu_name()}, {os.cpu_count()} ")
+    if shipped["machine"].startswith(f"cpu ({cpu_name()}, {os.cpu_count()}")
     else "the ablation ran on another CPU: compare its rate with"
     " that machine's, not this one's"
 )
@@ -251,7 +251,7 @@ for name, (target, pred) in targets.items():
 same = all(
     torch.allclose(losses[k], losses["x0"], rtol=1e-4) for k in ("eps", "v")
 )
-print("min-SNR: the same weighted loss for the same x0 error, all targets:", same)
+print("min-SNR: one weighted loss for one x0 error, all targets:", same)
 assert same
 """, tags=["hide-cell"], show="Checked: min-SNR weights give eps, x0 and v the same loss for the same x0 error (rtol 1e-4)")
 
@@ -414,7 +414,9 @@ few, _ = data.load("fashion_mnist", "train", limit=256)
 
 def ema_after(decay, steps=20):
     torch.manual_seed(0)
-    net = UNet(base_channels=8, channel_mults=(1, 2), attention_resolutions=())
+    net = UNet(
+        base_channels=8, channel_mults=(1, 2), attention_resolutions=()
+    )
     run = train(
         net, schedule, few, steps=steps, batch_size=8,
         ema_decay=decay, seed=0, progress=False, device="cpu",
