@@ -15,7 +15,7 @@ recipes as data, runs for a time budget and their scores) -> ``viz``; then ``boo
 from the command line). Importing the package imports ``sde``, so the sampler registry is
 complete whichever module is imported first.
 """
-__version__ = "0.3.0"
+__version__ = "0.4.0"
 
 from . import sde  # noqa: F401  (registers euler_maruyama, euler, heun and spacing "edm")
 from .schedules import NoiseSchedule  # noqa: F401
