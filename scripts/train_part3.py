@@ -57,9 +57,9 @@ def timed_train(model, schedule, images, budget, device, **kw):
                    callback=budget_stop(budget, start), **{**RECIPE, **kw})
     if device.type == "cuda":
         torch.cuda.synchronize()
-    seconds = time.perf_counter() - start
-    return result, dict(steps=result.step, seconds=round(seconds, 1), batch_size=kw.get("batch_size", RECIPE["batch_size"]),
-                        images_per_s=round(result.step * RECIPE["batch_size"] / seconds, 1),
+    seconds, batch_size = time.perf_counter() - start, kw.get("batch_size", RECIPE["batch_size"])
+    return result, dict(steps=result.step, seconds=round(seconds, 1), batch_size=batch_size,
+                        images_per_s=round(result.step * batch_size / seconds, 1),
                         final_loss=result.history["loss"][-1] if result.history["loss"] else None,
                         load_average_before=round(load_before, 2), load_average_after=round(os.getloadavg()[0], 2))
 
