@@ -39,7 +39,7 @@ from ddpm_lib.train import train
 from ddpm_lib.unet import UNet, count_parameters
 
 SMALL = recipes.SMALL_UNET                   # the network of every shipped pixel model
-RECIPE = dict(batch_size=128, lr=5e-4, warmup_steps=200, ema_decay=0.999, grad_clip=1.0, log_every=100)
+RECIPE = dict(recipes.SHIPPED, log_every=100)   # chapter 5's recipe (batch 128, lr 5e-4)
 
 
 def budget_stop(seconds: float, start: float):
